@@ -1,0 +1,133 @@
+"""The `exitflow` command. Thin: parses arguments and calls flows or the artifact store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("extract",)
+
+EPILOG = """\
+examples:
+  exitflow run extract                                   # embedded SmolLM2 on the Python reference
+  exitflow run extract --config configs/quick.yaml --set extract.layers=[4,8]
+  exitflow ls
+  exitflow show 3fa2c1
+artifact root: ./.exitflow, or $EXITFLOW_HOME, or --root
+"""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.backbone import BackboneError
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from stores.artifacts import StoreError
+    from stores.cache import CacheError
+
+    return (ConfigError, BackboneError, DataError, CacheError, StoreError)
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from flows.flows import extract_flow
+    from stores.artifacts import ArtifactStore
+
+    root = str(args.root) if args.root else None
+    if args.stage == "extract":
+        key = extract_flow(config_path=args.config, overrides=args.set, root=root, split=args.split)
+        store = ArtifactStore(root)
+        m = store.manifest("extract", key)
+        print(f"extract {m.extra.get('split')}: {m.metrics['tokens']} tokens, "
+              f"{_human_size(store.size('extract', key))}")
+        print(f"key:  {key}")
+        print(f"path: {store.path('extract', key)}")
+        return 0
+    raise NotImplementedError(f"stage {args.stage!r} is not implemented yet")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from stores.artifacts import ArtifactStore
+
+    store = ArtifactStore(args.root)
+    rows = []
+    for m in store.iter_manifests(args.stage):
+        inputs = ", ".join(f"{k}={v[:12]}" for k, v in m.inputs.items()) or m.extra.get("split", "")
+        rows.append((m.stage, m.key[:16], _human_size(store.size(m.stage, m.key)), m.created, inputs))
+    if not rows:
+        print(f"no artifacts under {store.root}")
+        return 0
+    header = ("STAGE", "KEY", "SIZE", "CREATED", "INPUTS")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from stores.artifacts import ArtifactStore
+
+    store = ArtifactStore(args.root)
+    m = store.resolve(args.key)
+    print(json.dumps({**m.to_dict(), "path": str(store.path(m.stage, m.key))}, indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="exitflow",
+        description="Train early-exit heads and exit gates for a frozen language model from a "
+        "hidden-state cache; every stage is a resumable, content-addressed Prefect task.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--root", type=Path, default=None, help="artifact root (default: $EXITFLOW_HOME or ./.exitflow)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a stage (a cache hit when its inputs are unchanged)",
+                         description="Run a stage as a Prefect flow. Same inputs: no work.")
+    run.add_argument("stage", choices=STAGES, help="stage to run")
+    run.add_argument("--config", help="YAML config file (default: built-in defaults, see configs/default.yaml)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set extract.layers=[6,12] (repeatable)")
+    run.add_argument("--split", choices=("train", "calib", "eval"), default=None,
+                     help="split to extract (default: extract.split from the config)")
+    run.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("ls", help="list artifacts: stage, key, size, created, inputs")
+    ls.add_argument("--stage", default=None, help="only this stage")
+    ls.set_defaults(func=cmd_ls)
+
+    show = sub.add_parser("show", help="print an artifact's manifest")
+    show.add_argument("key", help="artifact key or a unique prefix of it")
+    show.set_defaults(func=cmd_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; a re-run resumes from the last whole chunk", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Typed configuration for every stage.
+
+One YAML file holds all sections; YAML is only data. Validation collects every problem at
+once and raises a single :class:`ConfigError` whose message names each bad value and its fix.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2"
+EMBEDDED_CORPUS = "embedded:pydoc"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    source: str = EMBEDDED_MODEL
+    """Backbone: `embedded:smollm2` (ships with the package), a local folder, a `.gguf` file, or a hub id."""
+    gguf_file: str | None = None
+    """GGUF file name inside `source` when `source` is a folder or hub id holding GGUF weights."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load; pin a commit for reproducible cache keys."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Compute dtype. `auto`: bfloat16 on CUDA, float32 on CPU."""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    """bitsandbytes weight quantization: 8-bit (LLM.int8) or 4-bit (nf4)."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repository. Off unless you trust its author."""
+
+
+class DataConfig(_Section):
+    source: str = EMBEDDED_CORPUS
+    """Corpus: `embedded:pydoc` (Python language reference), a local file or folder
+    (txt, json/jsonl, parquet, csv), or a Hugging Face dataset name."""
+    name: str | None = None
+    """Dataset configuration name for hub datasets (e.g. `wikitext-2-raw-v1`)."""
+    hub_split: str = "train"
+    """Split of the source dataset to read before our own train/calib/eval split."""
+    text_column: str = "text"
+    """Column holding the text, for tabular sources."""
+    seq_len: int = Field(256, gt=1)
+    """Tokens per packed sequence."""
+    fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "calib": 0.1, "eval": 0.1})
+    """Share of documents in each split; documents never cross splits."""
+    seed: int = 0
+    """Seed of the document shuffle that assigns documents to splits."""
+    max_documents: int | None = Field(None, gt=0)
+    """Use only the first N documents (after sorting); for quick runs."""
+
+    @field_validator("fractions")
+    @classmethod
+    def _check_fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        missing = {"train", "calib", "eval"} - set(v)
+        if missing:
+            raise ValueError(f"fractions lacks {sorted(missing)}; give all of train, calib, eval")
+        if any(f < 0 for f in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"fractions {v} must be non-negative and sum to 1")
+        return v
+
+
+class ExtractConfig(_Section):
+    split: Literal["train", "calib", "eval"] = "train"
+    """Which of our splits to extract."""
+    layers: list[int] = Field(default_factory=lambda: [6, 12, 18, 24])
+    """Exit layers (1-based decoder layer outputs, 1..L-1); the final-norm state is always stored."""
+    storage_dtype: Literal["float16", "bfloat16", "int8"] = "float16"
+    """Cache dtype: float16 (checked for overflow), bfloat16 (as uint16 bits), or int8 with a per-token scale."""
+    batch_size: int = Field(8, gt=0)
+    """Sequences per backbone forward."""
+    chunk_tokens: int = Field(4096, gt=0)
+    """Target rows per zarr chunk; rounded to a whole number of sequences."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Extract at most this many tokens of the split (whole sequences); for quick runs."""
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("layers is empty; give at least one exit layer, e.g. [6, 12]")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layers {v} has duplicates")
+        if any(layer < 1 for layer in v):
+            raise ValueError(f"layers {v}: exit layers are 1-based decoder layers, use values >= 1")
+        return sorted(v)
+
+
+class HeadsConfig(_Section):
+    kind: Literal["linear", "adapter"] = "adapter"
+    """`linear`: norm + full-vocabulary projection initialised from the LM head.
+    `adapter`: norm + low-rank residual map into the frozen, shared LM head."""
+    rank: int = Field(64, gt=0)
+    """Rank of the adapter's residual map."""
+    loss: Literal["kl", "ce", "mix"] = "kl"
+    """KL distillation to the final layer, cross-entropy to the true token, or a mix."""
+    ce_weight: float = Field(0.5, ge=0, le=1)
+    """Weight of cross-entropy in the `mix` loss (KL gets 1 - ce_weight)."""
+    temperature: float = Field(1.0, gt=0)
+    """Distillation temperature."""
+    layer_weights: Literal["uniform", "proportional"] = "uniform"
+    """`proportional`: weight head i by (i+1)/L across heads."""
+    efficient_loss: bool = False
+    """Score only the teacher's top-k plus sampled negatives instead of the full vocabulary."""
+    topk: int = Field(64, gt=0)
+    """Teacher candidates kept by the efficient loss."""
+    negatives: int = Field(1024, ge=0)
+    """Sampled negative tokens per batch for the efficient loss."""
+    epochs: int = Field(2, gt=0)
+    batch_tokens: int = Field(1024, gt=0)
+    """Tokens per optimizer step."""
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    buffer_chunks: int = Field(4, gt=0)
+    """Chunks held in memory by the shuffling reader."""
+    seed: int = 0
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps (per epoch budget is then spread evenly)."""
+
+
+class GatesConfig(_Section):
+    hidden_ratio: int = Field(4, gt=0)
+    """Gate hidden width is hidden_size // hidden_ratio."""
+    sampling: Literal["straight_through", "gumbel"] = "straight_through"
+    """How exit decisions are sampled during training."""
+    tau_forward: float = Field(1.0, gt=0)
+    """Gumbel-softmax forward temperature."""
+    tau_backward: float = Field(1.0, gt=0)
+    """Gumbel-softmax backward temperature."""
+    routing_weight: float = Field(0.0, ge=0)
+    """λ_r of the routing loss MSE(expected exit layer, target exit layer); 0 disables it."""
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """Inference exit threshold on p_exit."""
+    epochs: int = Field(2, gt=0)
+    batch_tokens: int = Field(2048, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    buffer_chunks: int = Field(4, gt=0)
+    seed: int = 0
+    max_steps: int | None = Field(None, gt=0)
+
+
+class CalibrateConfig(_Section):
+    levels: list[float] = Field(default_factory=lambda: [0.75, 0.85, 0.90, 0.95, 0.99])
+    """Target accuracies of exited tokens."""
+    delta: float = Field(0.1, gt=0, lt=1)
+    """Allowed probability that the guarantee fails (accuracy below target on new data)."""
+    method: Literal["ltt", "empirical"] = "ltt"
+    """`ltt`: Learn-then-Test with a binomial bound (guaranteed); `empirical`: plain fit."""
+    reference: Literal["final", "true"] = "final"
+    """Accuracy against the final layer's top-1 (`final`) or the true next token (`true`)."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Use at most this many calib tokens."""
+
+    @field_validator("levels")
+    @classmethod
+    def _check_levels(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not 0 < x < 1]
+        if bad:
+            raise ValueError(f"accuracy levels {bad} are outside (0, 1); use e.g. 0.9 for 90 %")
+        if not v:
+            raise ValueError("levels is empty; give e.g. [0.9, 0.95]")
+        return sorted(v)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> "Config":
+        return self
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against `exitflow config --help` or configs/default.yaml"
+        lines.append(f"  - {where} = {e.get('input')!r}: {msg}")
+    return f"invalid configuration ({len(lines)} problem{'s' * (len(lines) != 1)}):\n" + "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a `--set` value as YAML so `8`, `true`, `[6, 12]` get their types."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides to a raw config mapping (a copy is returned)."""
+    data = copy.deepcopy(data)
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"  - --set {item!r}: expected key=value, e.g. --set extract.batch_size=4")
+            continue
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"  - --set {item!r}: {part!r} is not a section")
+                break
+        else:
+            node[parts[-1]] = _parse_value(value)
+    if problems:
+        raise ConfigError("invalid overrides:\n" + "\n".join(problems))
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate everything at once."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def canonical(section: BaseModel) -> dict:
+    """The JSON-able form of a config section used in content keys."""
+    return section.model_dump(mode="json")
