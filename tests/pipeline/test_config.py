@@ -1,0 +1,47 @@
+import pytest
+
+from pipeline.config import Config, ConfigError, apply_overrides, load_config
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert cfg.extract.layers == [6, 12, 18, 24]
+    assert cfg.model.source == "embedded:smollm2"
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("extract:\n  layers: []\n  batch_size: 0\ndata:\n  seq_len: 1\nmodel:\n  quantisation: 4bit\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "4 problems" in msg
+    for where in ("extract.layers", "extract.batch_size", "data.seq_len", "model.quantisation"):
+        assert where in msg
+    assert "unknown key" in msg
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["extract.layers=[2,1]", "extract.batch_size=4", "model.trust_remote_code=true"])
+    assert cfg.extract.layers == [1, 2]
+    assert cfg.extract.batch_size == 4
+    assert cfg.model.trust_remote_code is True
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["extract.layers"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_calibration_levels_outside_unit_interval():
+    with pytest.raises(ConfigError, match=r"1\.5"):
+        load_config(None, ["calibrate.levels=[0.9, 1.5]"])
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for f in sorted(Path(__file__).parents[2].glob("configs/*.yaml")):
+        assert isinstance(load_config(f), Config)
