@@ -464,10 +464,9 @@ def _resolve(cfg: ModelConfig, file_hasher: Callable[[Path], str]) -> _Resolved:
             "or use a safetensors checkpoint"
         )
 
-    # Local weights are identified by content; only the folder/file name is kept as a readable hint,
-    # so the same files moved to another place or machine keep their cache keys.
-    shown = source if kind in ("embedded", "hub") else Path(source).expanduser().name
-    identity: dict = {"source": shown, "kind": kind, "quantization": cfg.quantization,
+    # Local weights are identified by content alone, so the same files moved to another place,
+    # name or machine keep their cache keys.
+    identity: dict = {"source": source if kind in ("embedded", "hub") else None, "kind": kind, "quantization": cfg.quantization,
                       "dtype": str(dtype).removeprefix("torch."), "gguf_file": gguf_file}
     if kind == "hub":
         identity["revision"] = revision

@@ -15,6 +15,11 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The tiny test model's matmuls are microseconds of work: with more than one OpenMP thread
+# they spend milliseconds synchronising, 100x more on a loaded machine.
+torch.set_num_threads(1)
 
 
 def _corpus_texts(n: int = 40) -> list[str]:

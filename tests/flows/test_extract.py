@@ -1,0 +1,237 @@
+"""The extract stage end to end on the tiny model: values, content keys, cache hits,
+resume after kill -9, and the errors users meet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flows import stages
+from pipeline.backbone import BackboneError, load_backbone
+from pipeline.config import ConfigError, load_config
+from pipeline.data import DataError
+from stores.artifacts import ArtifactStore, StoreError
+from stores.cache import CacheMismatchError, CacheReader, load_tensors
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(model_dir: Path, corpus: Path, *extra: str, layers: str = "[1,2,3]"):
+    return load_config(None, [
+        f"model.source={model_dir}", f"data.source={corpus}", "data.seq_len=32",
+        f"extract.layers={layers}", "extract.batch_size=4", "extract.chunk_tokens=256",
+        "data.fractions={train: 0.6, calib: 0.2, eval: 0.2}", "extract.max_tokens=4096", *extra,
+    ])
+
+
+def test_cache_equals_output_hidden_states(tmp_path, tiny_model_dir, corpus_dir):
+    cfg = _cfg(tiny_model_dir, corpus_dir)
+    store = ArtifactStore(tmp_path)
+    key = stages.run_extract(cfg, store, progress=False)
+    reader = CacheReader(stages.cache_path(store, key))
+    assert reader.num_tokens % 32 == 0 and reader.num_tokens > 1000
+
+    bb = load_backbone(cfg.model)
+    ids = reader.column("input_ids")[: 4 * 32].reshape(4, 32).astype(np.int64)
+    with torch.no_grad():
+        ref = bb.model(torch.from_numpy(ids), output_hidden_states=True).hidden_states
+    for layer in (1, 2, 3):
+        got = reader.hidden(f"layer_{layer}", slice(0, 128))
+        want = ref[layer].reshape(-1, bb.hidden_size).numpy()
+        np.testing.assert_allclose(got, want.astype(np.float16).astype(np.float32), rtol=0, atol=0)
+    np.testing.assert_array_equal(reader.hidden("final", slice(0, 128)),
+                                  ref[-1].reshape(-1, bb.hidden_size).numpy().astype(np.float16).astype(np.float32))
+    # targets are the next token; the teacher is rebuildable from the stored pieces
+    stream_ids = reader.column("input_ids")
+    np.testing.assert_array_equal(reader.column("targets")[:-1], stream_ids[1:])
+    teacher = load_tensors(stages.teacher_path(store, key))
+    logits = torch.from_numpy(reader.hidden("final", slice(0, 32))) @ teacher["lm_head.weight"].T
+    with torch.no_grad():
+        want_logits = bb.model(torch.from_numpy(ids[:1])).logits[0]
+    assert torch.allclose(logits, want_logits, atol=2e-2)
+    m = store.manifest("extract", key)
+    assert m.metrics["tokens"] == reader.num_tokens and m.config["layers"] == [1, 2, 3]
+
+
+def test_same_inputs_same_key_any_change_new_key(tmp_path, tiny_model_dir, corpus_dir):
+    store = ArtifactStore(tmp_path)
+    base, _, _ = stages.plan_extract(_cfg(tiny_model_dir, corpus_dir), store)
+    again, _, _ = stages.plan_extract(_cfg(tiny_model_dir, corpus_dir), store)
+    assert base.key == again.key
+    changed = [
+        _cfg(tiny_model_dir, corpus_dir, layers="[1,2]"),
+        _cfg(tiny_model_dir, corpus_dir, "extract.storage_dtype=int8"),
+        _cfg(tiny_model_dir, corpus_dir, "data.seq_len=16"),
+        _cfg(tiny_model_dir, corpus_dir, "extract.split=calib"),
+        _cfg(tiny_model_dir, corpus_dir, "model.dtype=bfloat16"),
+        _cfg(tiny_model_dir, corpus_dir, "data.seed=1"),
+    ]
+    keys = {stages.plan_extract(c, store)[0].key for c in changed}
+    assert base.key not in keys and len(keys) == len(changed)
+    # the batch size does not change a single value: same key
+    assert stages.plan_extract(_cfg(tiny_model_dir, corpus_dir, "extract.batch_size=2"), store)[0].key == base.key
+
+
+def test_changed_data_or_weights_change_the_key(tmp_path, tiny_model_dir, corpus_dir):
+    import shutil
+
+    corpus2 = tmp_path / "corpus2"
+    shutil.copytree(corpus_dir, corpus2)
+    store = ArtifactStore(tmp_path / "root")
+    k1 = stages.plan_extract(_cfg(tiny_model_dir, corpus2), store)[0].key
+    (corpus2 / "doc000.txt").write_text((corpus2 / "doc000.txt").read_text() + " changed")
+    k2 = stages.plan_extract(_cfg(tiny_model_dir, corpus2), store)[0].key
+    model2 = tmp_path / "model2"
+    shutil.copytree(tiny_model_dir, model2)
+    k3 = stages.plan_extract(_cfg(model2, corpus2), store)[0].key
+    assert k3 == k2  # same weights elsewhere: same identity
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(model2 / "model.safetensors")
+    name = next(iter(w))
+    w[name] = w[name] + 1e-3
+    save_file(w, model2 / "model.safetensors", metadata={"format": "pt"})
+    k4 = stages.plan_extract(_cfg(model2, corpus2), store)[0].key
+    assert len({k1, k2, k4}) == 3
+
+
+def _extract_cmd(root: Path, model: Path, corpus: Path, *extra: str) -> list[str]:
+    code = (
+        "import sys; from flows import stages; from pipeline.config import load_config; "
+        "from stores.artifacts import ArtifactStore; "
+        "cfg = load_config(None, sys.argv[2:]); print(stages.run_extract(cfg, ArtifactStore(sys.argv[1]), progress=False))"
+    )
+    return [sys.executable, "-c", code, str(root), f"model.source={model}", f"data.source={corpus}",
+            "data.seq_len=32", "extract.layers=[1,2,3]", "extract.batch_size=2", "extract.chunk_tokens=64", "extract.max_tokens=8192",
+            "data.fractions={train: 1.0, calib: 0.0, eval: 0.0}", *extra]
+
+
+def test_resume_after_kill_equals_clean_run(tmp_path, tiny_model_dir):
+    """kill -9 part-way, re-run: the finished cache equals an uninterrupted one."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    from pydoc_data.topics import topics
+
+    (corpus / "all.txt").write_text("\n".join(topics[k] for k in sorted(topics)[:40]))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
+    cmd = _extract_cmd(killed_root, tiny_model_dir, corpus)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    progress_files = lambda: list((killed_root / "staging").rglob("progress.json"))  # noqa: E731
+    deadline = time.monotonic() + 120
+    rows = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        files = progress_files()
+        if files:
+            try:
+                rows = json.loads(files[0].read_text())["rows_done"]
+            except (ValueError, KeyError):
+                rows = 0
+            if rows >= 64 * 10:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"extraction finished before it could be killed: {proc.communicate()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = ArtifactStore(killed_root)
+    assert not list(store.iter_manifests()), "a killed extraction must not look complete"
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    key = resumed.stdout.strip().splitlines()[-1]
+    m = store.manifest("extract", key)
+    assert m.metrics["resumed_from"] >= rows > 0
+
+    clean = subprocess.run(_extract_cmd(clean_root, tiny_model_dir, corpus), env=env, capture_output=True, text=True, check=True)
+    assert clean.stdout.strip().splitlines()[-1] == key
+    a = CacheReader(stages.cache_path(store, key))
+    b = CacheReader(stages.cache_path(ArtifactStore(clean_root), key))
+    for name in ["layer_1", "layer_2", "layer_3", "final"]:
+        np.testing.assert_array_equal(a.hidden(name), b.hidden(name))
+    for name in ["input_ids", "targets", "doc_ids", "positions"]:
+        np.testing.assert_array_equal(a.column(name), b.column(name))
+
+
+def test_int8_and_bfloat16_caches(tmp_path, tiny_model_dir, corpus_dir):
+    store = ArtifactStore(tmp_path)
+    k16 = stages.run_extract(_cfg(tiny_model_dir, corpus_dir), store, progress=False)
+    k8 = stages.run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.storage_dtype=int8"), store, progress=False)
+    kb = stages.run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.storage_dtype=bfloat16"), store, progress=False)
+    ref = CacheReader(stages.cache_path(store, k16)).hidden("layer_2")
+    q = CacheReader(stages.cache_path(store, k8)).hidden("layer_2")
+    bf = CacheReader(stages.cache_path(store, kb)).hidden("layer_2")
+    scale = np.abs(ref).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(q - ref) <= scale * 0.51 + 1e-2 * np.abs(ref))
+    assert np.allclose(bf, ref, rtol=1e-2, atol=1e-2)
+    assert store.manifest("extract", k8).metrics["bytes_per_token_per_layer"] < 0.6 * store.manifest("extract", k16).metrics["bytes_per_token_per_layer"]
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_bad_inputs_name_the_value_and_leave_nothing_complete(tmp_path, tiny_model_dir, corpus_dir):
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(BackboneError, match="does not exist"):
+        stages.run_extract(_cfg(tmp_path / "no-such-model", corpus_dir), store, progress=False)
+    with pytest.raises(BackboneError, match=r"\b4\b"):
+        stages.run_extract(_cfg(tiny_model_dir, corpus_dir, layers="[2,4]"), store, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   ")
+    with pytest.raises(DataError):
+        stages.run_extract(_cfg(tiny_model_dir, empty), store, progress=False)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"body": "hello world"}\n')
+    with pytest.raises(DataError, match="body"):
+        stages.run_extract(_cfg(tiny_model_dir, jsonl), store, progress=False)
+    with pytest.raises(BackboneError, match="1024"):
+        stages.run_extract(_cfg(tiny_model_dir, corpus_dir, "data.seq_len=1024"), store, progress=False)
+    assert not list(store.iter_manifests())
+
+
+def test_staging_folder_of_other_inputs_is_refused(tmp_path, tiny_model_dir, corpus_dir):
+    store = ArtifactStore(tmp_path)
+    cfg = _cfg(tiny_model_dir, corpus_dir)
+    other = stages.run_extract(_cfg(tiny_model_dir, corpus_dir, layers="[1,2]"), store, progress=False)
+    plan, _, _ = stages.plan_extract(cfg, store)
+    # a cache folder copied over from another run sits where ours would resume
+    import shutil
+
+    shutil.copytree(stages.cache_path(store, other), store.staging("extract", plan.key) / "cache.zarr")
+    (store.staging("extract", plan.key) / "cache.zarr" / "progress.json").write_text(
+        json.dumps({"rows_done": 0, "num_tokens": 0, "complete": False}))
+    with pytest.raises(CacheMismatchError, match=other[:12]):
+        stages.run_extract(cfg, store, progress=False)
+
+
+def test_non_finite_hidden_states_stop_the_stage(tmp_path, tiny_model_dir, corpus_dir, monkeypatch):
+    from pipeline import backbone as bb_mod
+    from stores.cache import NonFiniteError
+
+    real = bb_mod.Backbone.hidden_states
+
+    def overflowing(self, ids, layers):
+        per_layer, final = real(self, ids, layers)
+        per_layer[layers[0]][0, 0, 0] = 1e6  # beyond float16
+        return per_layer, final
+
+    monkeypatch.setattr(bb_mod.Backbone, "hidden_states", overflowing)
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(NonFiniteError, match="bfloat16"):
+        stages.run_extract(_cfg(tiny_model_dir, corpus_dir), store, progress=False)
+    assert not list(store.iter_manifests())
+
+
+def test_bad_config_and_root(tmp_path):
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        load_config(None, ["extract.storage_dtype=float8"])
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(StoreError, match="not writable"):
+        ArtifactStore(f / "root")
