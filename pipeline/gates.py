@@ -1,0 +1,247 @@
+"""Exit gates: a small MLP per exit layer that predicts whether that layer's head already gives
+the final layer's answer, trained with sampled exit decisions over the whole cascade.
+
+A token meets the gates in layer order and leaves at the first one that says "exit"; a token
+that no gate lets out runs to the last layer. At inference a gate exits when
+sigmoid(logit) > threshold (set by calibration); in training decisions are sampled so the
+cost of a whole exit trajectory can be differentiated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import GatesConfig
+
+logger = logging.getLogger(__name__)
+
+_NOISE_EPS = 1e-6
+"""Uniform draws are clamped to [eps, 1 - eps] so logistic noise stays finite."""
+
+
+class ExitGate(nn.Module):
+    """p_exit = sigmoid(Linear(ReLU(Linear(LayerNorm(h))))), hidden width H // hidden_ratio.
+
+    LayerNorm first because raw residual-stream states have layer-dependent scales (values up
+    to ~23,000 on a few dimensions in SmolLM2); it runs in float32 for the same reason. The
+    bottleneck keeps a gate at ~H^2/4 parameters, negligible next to a decoder layer, so
+    evaluating it at every exit point costs nothing measurable. Returns logits; a sigmoid
+    gives p_exit, and BCE on logits is numerically safer than on probabilities.
+    """
+
+    def __init__(self, hidden_size: int, hidden_ratio: int = 4, layer: int | None = None):
+        super().__init__()
+        self.layer = layer
+        width = max(1, hidden_size // hidden_ratio)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h.to(self.norm.weight.dtype))  # [n, H]
+        return self.mlp(x).squeeze(-1)  # [n]
+
+    def exit_probability(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(h))  # [n]
+
+
+def build_gates(cfg: GatesConfig, layers: Sequence[int], hidden_size: int) -> nn.ModuleDict:
+    """One fresh gate per exit layer, keyed by str(layer) like the heads."""
+    layers = [int(layer) for layer in layers]
+    if not layers:
+        raise ValueError("no exit layers given; pass at least one layer, e.g. [6, 12]")
+    gates = nn.ModuleDict({str(layer): ExitGate(hidden_size, cfg.hidden_ratio, layer) for layer in layers})
+    logger.info("built %d gates (width %d) at layers %s", len(layers), max(1, hidden_size // cfg.hidden_ratio), layers)
+    return gates
+
+
+def straight_through_bernoulli(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Forward: a Bernoulli(p) sample, exactly 0 or 1. Backward: identity to p.
+
+    Written as d + (p - p.detach()) rather than p + (d - p).detach() so the forward value is
+    exactly d in floating point (the latter can give 0.99999994).
+    """
+    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)  # [...]
+    d = (u < p.detach()).to(p.dtype)  # [...] in {0, 1}; NaN p gives 0 and a NaN loss, not a crash here
+    return d + (p - p.detach())
+
+
+def gumbel_sigmoid(
+    logits: torch.Tensor, tau_forward: float, tau_backward: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Binary straight-through Gumbel-softmax with decoupled temperatures.
+
+    With logistic noise g (the difference of two Gumbels) and z = logits + tau_forward * g:
+    - forward: d = [z > 0], exactly 0/1, distributed Bernoulli(sigmoid(logits / tau_forward));
+      tau_forward sets how much the forward pass explores: 1 samples from the gate's own
+      p_exit, -> 0 gives the deterministic inference rule p_exit > 0.5, > 1 explores more;
+    - backward: the gradient of the relaxed sample sigmoid(z / tau_backward); tau_backward sets
+      how smooth (biased, low-variance) or sharp (less biased, high-variance) the gradient is,
+      independently of the forward behaviour. The relaxed sample uses the same noise, so it
+      tends to d as tau_backward -> 0.
+    At tau_forward = 1 this is the ordinary binary ST Gumbel-softmax at temperature tau_backward.
+    """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    u = u.clamp(_NOISE_EPS, 1.0 - _NOISE_EPS).to(logits.dtype)  # [...]
+    g = torch.log(u) - torch.log1p(-u)  # [...] logistic noise
+    z = logits + tau_forward * g  # [...]
+    hard = (z > 0).to(logits.dtype)  # [...] in {0, 1}
+    soft = torch.sigmoid(z / tau_backward)  # [...]
+    return hard + (soft - soft.detach())
+
+
+def sample_exit_decisions(
+    gate_logits: torch.Tensor, cfg: GatesConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Training-time exit decisions [n, K] in {0, 1} with a gradient, per `cfg.sampling`."""
+    if cfg.sampling == "gumbel":
+        return gumbel_sigmoid(gate_logits, cfg.tau_forward, cfg.tau_backward, generator)
+    return straight_through_bernoulli(torch.sigmoid(gate_logits), generator)
+
+
+def _check_layers(n_gates: int, layers: Sequence[int], final_layer: int) -> list[int]:
+    layers = [int(layer) for layer in layers]
+    if len(layers) != n_gates:
+        raise ValueError(f"got {n_gates} gate columns but {len(layers)} layers {layers}; pass one layer per column")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"layers {layers} must be strictly increasing: columns are the cascade in depth order")
+    if layers and layers[-1] > final_layer:
+        raise ValueError(f"exit layer {layers[-1]} is past final_layer {final_layer}")
+    return layers
+
+
+def _reach(stop: torch.Tensor) -> torch.Tensor:
+    """Probability (or indicator) of reaching gate k without stopping earlier:
+    reach_k = prod_{i<k} (1 - stop_i). stop [n, K] -> [n, K]."""
+    ones = torch.ones_like(stop[:, :1])  # [n, 1]
+    return torch.cumprod(torch.cat([ones, 1.0 - stop[:, :-1]], dim=1), dim=1)  # [n, K]
+
+
+def expected_exit_layer(p: torch.Tensor, layers: Sequence[int], final_layer: int) -> torch.Tensor:
+    """E[exit layer] of the cascade, p [n, K] -> [n]:
+    sum_k layer_k * p_k * prod_{i<k}(1 - p_i) + final_layer * prod_k (1 - p_k)
+    (a token no gate lets out runs to the end)."""
+    layers = _check_layers(p.shape[1], layers, final_layer)
+    reach = _reach(p)  # [n, K]
+    depth = torch.tensor(layers, dtype=p.dtype, device=p.device)  # [K]
+    never = reach[:, -1] * (1.0 - p[:, -1])  # [n]
+    return (reach * p) @ depth + final_layer * never  # [n]
+
+
+def routing_loss(
+    p: torch.Tensor, layers: Sequence[int], final_layer: int, target_layer: float | torch.Tensor
+) -> torch.Tensor:
+    """MSE between the expected and the target exit layer, in units of the backbone depth.
+
+    Dividing by final_layer makes the term a squared *fraction of depth*, so routing_weight
+    means the same for a 12- and a 30-layer backbone and sits on the scale of the BCE term
+    (in raw layers it would be up to final_layer^2 ~ 900 times larger). target_layer is one
+    number or a per-token tensor [n].
+    """
+    expected = expected_exit_layer(p, layers, final_layer)  # [n]
+    target = torch.as_tensor(target_layer, dtype=expected.dtype, device=expected.device)
+    return F.mse_loss(expected / final_layer, (target / final_layer).expand_as(expected))
+
+
+def gate_targets(head: torch.Tensor, teacher_top1: torch.Tensor) -> torch.Tensor:
+    """1.0 where the head's top-1 equals the teacher's, else 0.0: what a gate should predict.
+
+    head: logits [n, V] (or subset logits sharing the teacher's index space) or top-1 ids [n];
+    teacher_top1: ids [n] or logits [n, V]. Returns [n] float.
+    """
+    head_top1 = head.argmax(dim=-1) if head.ndim == 2 else head  # [n]
+    teacher_top1 = teacher_top1.argmax(dim=-1) if teacher_top1.ndim == 2 else teacher_top1  # [n]
+    return (head_top1 == teacher_top1).float()  # [n]
+
+
+def oracle_exit_layer(correct: torch.Tensor, layers: Sequence[int], final_layer: int) -> torch.Tensor:
+    """The earliest exit layer whose head is correct, final_layer where none is: the exit a
+    perfect gate cascade would take. correct [n, K] -> [n] float."""
+    layers = _check_layers(correct.shape[1], layers, final_layer)
+    depth = torch.tensor(layers + [final_layer], dtype=torch.float32, device=correct.device)  # [K+1]
+    hit = torch.cat([correct > 0.5, torch.ones_like(correct[:, :1], dtype=torch.bool)], dim=1)  # [n, K+1]
+    return depth[hit.int().argmax(dim=1)]  # [n] (argmax returns the first maximum)
+
+
+def exit_decision_cost(d: torch.Tensor, correct: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mean per-token, per-gate cost of exit trajectories d [n, K] (0/1 with a gradient) given
+    correct [n, K]; see `gate_loss` for the formulation and why c = (1 - threshold) / threshold."""
+    c = (1.0 - threshold) / threshold
+    reach = _reach(d)  # [n, K] 1 while no earlier gate exited
+    step_cost = d * (1.0 - correct) + c * (1.0 - d) * correct  # [n, K]
+    return (reach * step_cost).sum(dim=1).mean() / d.shape[1]
+
+
+def gate_loss(
+    gate_logits: torch.Tensor,
+    correct: torch.Tensor,
+    cfg: GatesConfig,
+    layers: Sequence[int],
+    final_layer: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of all gates of one batch. gate_logits [n, K] (columns in layer order), correct
+    [n, K] (1 where that head's top-1 equals the final layer's).
+
+    loss = BCE(p, correct) + decision + routing_weight * routing
+
+    - BCE: every gate, on every token, learns P(its head agrees with the final layer). It is
+      the low-variance signal, and its scores are what calibration later thresholds.
+    - decision: the cost of a sampled exit trajectory. Decisions d ~ p are sampled (straight-
+      through or Gumbel per cfg.sampling); a token reaches gate k if no earlier gate exited,
+      reach_k = prod_{i<k}(1 - d_i). At each reached gate, exiting with a wrong head costs 1,
+      passing a correct head costs c = (1 - threshold) / threshold (compute spent for nothing):
+          decision = mean_tokens (1/K) sum_k reach_k * [d_k (1 - correct_k) + c (1 - d_k) correct_k]
+      For one gate in isolation the Bayes-optimal rule for this cost is p > 1 / (1 + c) =
+      threshold: the training objective and the inference rule agree, with no extra constant.
+      Through reach_k, the gradient of d_k is the cost of exiting at k minus the cost of the
+      rest of the trajectory, so gates learn as a cascade: an early gate is pushed to exit
+      when later gates would only waste compute, and not when later heads fix its error.
+    - routing: MSE (in fractions of depth) between the expected exit layer under p and the
+      token's oracle exit layer (first correct head, else final_layer), weighted by
+      cfg.routing_weight; skipped at weight 0.
+    Returns the loss and float components for logging. Raises FloatingPointError if the loss
+    is not finite (the components are read back anyway, so the check costs nothing extra).
+    """
+    layers = _check_layers(gate_logits.shape[1], layers, final_layer)
+    logits = gate_logits.float()  # [n, K]
+    correct = correct.to(logits.dtype)  # [n, K]
+    p = torch.sigmoid(logits)  # [n, K]
+
+    bce = F.binary_cross_entropy_with_logits(logits, correct)
+
+    d = sample_exit_decisions(logits, cfg, generator)  # [n, K] in {0, 1}
+    decision = exit_decision_cost(d, correct, cfg.threshold)
+    reach = _reach(d)  # [n, K]
+
+    target = oracle_exit_layer(correct, layers, final_layer)  # [n]
+    routing = routing_loss(p, layers, final_layer, target)
+    loss = bce + decision
+    if cfg.routing_weight > 0:
+        loss = loss + cfg.routing_weight * routing
+
+    with torch.no_grad():
+        stayed = reach[:, -1] * (1.0 - d[:, -1])  # [n] 1 where the sampled trajectory never exits
+        values = {
+            "loss": loss,
+            "bce": bce,
+            "decision": decision,
+            "routing": routing,
+            "sampled_exit_rate": (1.0 - stayed).mean(),
+            "expected_exit_layer": expected_exit_layer(p, layers, final_layer).mean(),
+            "oracle_exit_layer": target.mean(),
+            "gate_accuracy": ((p > cfg.threshold).to(correct.dtype) == correct).float().mean(),
+        }
+        # one device-to-host copy for all components
+        parts = dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
+    if not math.isfinite(parts["loss"]):
+        raise FloatingPointError(
+            f"gate loss is not finite ({parts}); check the cached hidden states for inf/NaN "
+            "(float16 overflow) or lower gates.lr"
+        )
+    return loss, parts
