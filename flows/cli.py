@@ -9,12 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("extract",)
+STAGES = ("extract", "train_heads", "train_gates", "calibrate", "all")
 
 EPILOG = """\
 examples:
   exitflow run extract                                   # embedded SmolLM2 on the Python reference
   exitflow run extract --config configs/quick.yaml --set extract.layers=[4,8]
+  exitflow run train_heads --set heads.epochs=3         # extracts train/eval first if missing
+  exitflow run calibrate --set inputs.heads=3fa2c1     # calibrate given heads
+  exitflow run all                                       # extract, train heads + gates, calibrate
   exitflow ls
   exitflow show 3fa2c1
 artifact root: ./.exitflow, or $EXITFLOW_HOME, or --root
@@ -26,9 +29,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from stores.artifacts import StoreError
+    from flows.stages import InputMismatch
+    from pipeline.calibrate import CalibrationError
+    from pipeline.train import TrainingDiverged
     from stores.cache import CacheError
 
-    return (ConfigError, BackboneError, DataError, CacheError, StoreError)
+    return (ConfigError, BackboneError, DataError, CacheError, StoreError, InputMismatch, CalibrationError,
+            TrainingDiverged)
 
 
 def _human_size(n: float) -> str:
@@ -41,20 +48,29 @@ def _human_size(n: float) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from flows.flows import extract_flow
+    from flows.flows import FLOWS
     from stores.artifacts import ArtifactStore
 
     root = str(args.root) if args.root else None
+    kwargs = {"config_path": args.config, "overrides": args.set, "root": root}
     if args.stage == "extract":
-        key = extract_flow(config_path=args.config, overrides=args.set, root=root, split=args.split)
-        store = ArtifactStore(root)
-        m = store.manifest("extract", key)
-        print(f"extract {m.extra.get('split')}: {m.metrics['tokens']} tokens, "
-              f"{_human_size(store.size('extract', key))}")
-        print(f"key:  {key}")
-        print(f"path: {store.path('extract', key)}")
-        return 0
-    raise NotImplementedError(f"stage {args.stage!r} is not implemented yet")
+        kwargs["split"] = args.split
+    elif args.split:
+        raise SystemExit("error: --split applies to `run extract` only")
+    result = FLOWS[args.stage](**kwargs)
+    store = ArtifactStore(root)
+    keys = {"extract": result} if isinstance(result, str) else {k: v for k, v in result.items() if v}
+    stage_of = {"heads": "train_heads", "gates": "train_gates", "calibration": "calibrate"}
+    for name, key in keys.items():
+        stage = stage_of.get(name, "extract")
+        m = store.manifest(stage, key)
+        what = f"{m.extra.get('split')} cache, {m.metrics['tokens']} tokens" if stage == "extract" else stage
+        print(f"{name:12s} {key}  {what}, {_human_size(store.size(stage, key))}")
+    last_name, last_key = list(keys.items())[-1]
+    print(f"path: {store.path(stage_of.get(last_name, 'extract'), last_key)}")
+    if "calibration" in keys:
+        print(f"calibration: {store.path('calibrate', keys['calibration']) / 'calibration.json'}")
+    return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -96,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a stage (a cache hit when its inputs are unchanged)",
-                         description="Run a stage as a Prefect flow. Same inputs: no work.")
-    run.add_argument("stage", choices=STAGES, help="stage to run")
+                         description="Run a stage as a Prefect flow, its upstream stages first "
+                         "(cache hits when unchanged). Same inputs: no work.")
+    run.add_argument("stage", choices=STAGES, help="stage to run; `all` runs the whole pipeline")
     run.add_argument("--config", help="YAML config file (default: built-in defaults, see configs/default.yaml)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set extract.layers=[6,12] (repeatable)")

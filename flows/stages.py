@@ -90,7 +90,7 @@ def run_extract(cfg: Config, store: ArtifactStore, split: str | None = None, pro
     teacher_path = staging / "teacher.safetensors"
     if not teacher_path.exists():
         save_tensors(teacher_path, backbone.teacher_weights())
-    attrs = {"key": plan.key, "seq_len": seq_len, "num_layers": backbone.num_layers,
+    attrs = {"key": plan.key, "seq_len": seq_len, "num_layers": backbone.num_layers, "norm_eps": backbone.final_norm_eps,
              "vocab_size": backbone.vocab_size, "model": plan.config["model"], "split": plan.extra["split"]}
     with CacheWriter(staging / "cache.zarr", schema, attrs) as writer:
         result = extract_hidden_states(backbone, packed, cfg.extract.layers, writer,
@@ -120,3 +120,282 @@ def cache_path(store: ArtifactStore, key: str) -> Path:
 
 def teacher_path(store: ArtifactStore, key: str) -> Path:
     return store.path("extract", key) / "teacher.safetensors"
+
+
+# -- inputs ------------------------------------------------------------------------------------
+class InputMismatch(ValueError):
+    """An upstream artifact does not belong with this config (another backbone, other layers)."""
+
+
+def resolve_cache(cfg: Config, store: ArtifactStore, split: str) -> str:
+    """The cache for `split`: the key given in ``inputs.<split>_cache``, else the one the config
+    implies (which must exist: the flows run extract first). Checks it was made from the
+    backbone the config names."""
+    from pipeline.backbone import model_identity
+
+    explicit = getattr(cfg.inputs, f"{split}_cache")
+    if explicit:
+        m = store.resolve(explicit, "extract")
+        want = model_identity(cfg.model, store.file_hasher())
+        if m.config["model"] != want:
+            raise InputMismatch(
+                f"cache {m.key[:12]} was extracted from backbone {_describe_model(m.config['model'])}, but the config "
+                f"names {_describe_model(want)}; pick a cache of this backbone (`exitflow ls --stage extract`) "
+                f"or set model.source to match"
+            )
+        if m.config["split"] != split:
+            log.warning("inputs.%s_cache %s holds the %s split", split, m.key[:12], m.config["split"])
+        return m.key
+    plan, _, _ = plan_extract(cfg, store, split)
+    if not store.exists("extract", plan.key):
+        from stores.artifacts import ArtifactNotFound
+
+        raise ArtifactNotFound(f"no {split} cache for this config (key {plan.key[:12]}); run `exitflow run extract --split {split}` first")
+    return plan.key
+
+
+def _describe_model(identity: dict) -> str:
+    weights = identity.get("weights") or {}
+    digest = ",".join(f"{k}:{v[:8]}" for k, v in sorted(weights.items())) or identity.get("revision", "?")
+    return f"{identity.get('source') or identity.get('kind')} [{digest}, {identity.get('dtype')}, {identity.get('quantization')}]"
+
+
+def _open_cache(store: ArtifactStore, key: str):
+    from pipeline.heads import TeacherWeights
+    from stores.cache import CacheReader, load_tensors
+
+    reader = CacheReader(cache_path(store, key))
+    teacher = TeacherWeights.from_dict(load_tensors(teacher_path(store, key)),
+                                       norm_eps=float(reader.attrs.get("norm_eps", 1e-5)))
+    return reader, teacher
+
+
+def _head_layers(cfg: Config, reader) -> list[int]:
+    cached = [int(x) for x in reader.layers]
+    layers = cfg.heads.layers or cached
+    missing = [x for x in layers if x not in cached]
+    if missing:
+        raise InputMismatch(f"heads.layers {missing} are not in the cache (it holds {cached}); "
+                            f"train heads for cached layers or extract with --set extract.layers=[...]")
+    return sorted(layers)
+
+
+def _heads_config_for_key(cfg: Config) -> dict:
+    return canonical(cfg.heads)
+
+
+# -- train_heads -------------------------------------------------------------------------------
+def plan_train_heads(cfg: Config, store: ArtifactStore, cache_key: str, eval_key: str | None) -> Plan:
+    from pipeline.train import TRAIN_CODE_VERSION
+
+    reader, _ = _open_cache(store, cache_key)
+    stage_cfg = {**_heads_config_for_key(cfg), "layers": _head_layers(cfg, reader)}
+    inputs = {"cache": cache_key, **({"eval_cache": eval_key} if eval_key else {})}
+    return Plan("train_heads", content_key("train_heads", TRAIN_CODE_VERSION, stage_cfg, inputs), stage_cfg, inputs, TRAIN_CODE_VERSION)
+
+
+def run_train_heads(cfg: Config, store: ArtifactStore, cache_key: str, eval_key: str | None = None,
+                    progress: bool = True) -> str:
+    """Train one head per exit layer from the cache; evaluate them and the logit lens on the
+    eval cache. Resumes from the last epoch checkpoint of an interrupted run."""
+    from pipeline.train import evaluate_heads, logit_lens, train_heads
+    from pipeline.heads import load_heads
+    from stores.cache import save_tensors
+    from stores.checkpoints import FileCheckpoints
+
+    plan = plan_train_heads(cfg, store, cache_key, eval_key)
+    if store.exists("train_heads", plan.key):
+        return plan.key
+    reader, teacher = _open_cache(store, cache_key)
+    layers = plan.config["layers"]
+    num_layers = int(reader.attrs["num_layers"])
+    staging = store.staging("train_heads", plan.key)
+    result = train_heads(cfg.heads, layers, num_layers, teacher, reader,
+                         checkpoints=FileCheckpoints(staging / "checkpoints"), progress=progress,
+                         **_teacher_topk_kwargs(cfg, store, cache_key))
+    save_tensors(staging / "heads.safetensors", result.state)
+    metrics = {
+        "steps": result.steps, "tokens_per_s": round(result.tokens_per_s, 1),
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "epochs": [_plain(e) for e in result.epochs],
+    }
+    if eval_key:
+        eval_reader, _ = _open_cache(store, eval_key)
+        heads = load_heads(cfg.heads, layers, teacher, result.state)
+        trained = evaluate_heads(heads, teacher, eval_reader)
+        lens = evaluate_heads(logit_lens(teacher, layers), teacher, eval_reader)
+        metrics["eval"] = {str(k): _plain(v) for k, v in trained.items()}
+        metrics["logit_lens"] = {str(k): _plain(v) for k, v in lens.items()}
+        for layer in layers:
+            log.info("layer %d: agreement %.3f (logit lens %.3f), accuracy %.3f, entropy AUROC %.3f",
+                     layer, trained[layer].agreement, lens[layer].agreement, trained[layer].accuracy,
+                     trained[layer].entropy_auroc)
+    shutil_rmtree(staging / "checkpoints")
+    store.publish(Manifest(stage="train_heads", key=plan.key, config=plan.config, inputs=plan.inputs,
+                           code_version=plan.code_version, metrics=metrics,
+                           extra={"num_layers": num_layers, "hidden_size": reader.hidden_size}))
+    return plan.key
+
+
+def _teacher_topk_kwargs(cfg: Config, store: ArtifactStore, cache_key: str) -> dict:
+    return {}
+
+
+def _plain(obj) -> dict:
+    """A result dataclass as JSON-able dict (dict keys as strings, floats rounded)."""
+    from dataclasses import asdict, is_dataclass
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, float):
+            return round(x, 5)
+        return x
+
+    return clean(asdict(obj) if is_dataclass(obj) else obj)
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- train_gates -------------------------------------------------------------------------------
+def plan_train_gates(cfg: Config, store: ArtifactStore, cache_key: str, heads_key: str, eval_key: str | None) -> Plan:
+    from pipeline.train import TRAIN_CODE_VERSION
+
+    stage_cfg = canonical(cfg.gates)
+    inputs = {"cache": cache_key, "heads": heads_key, **({"eval_cache": eval_key} if eval_key else {})}
+    return Plan("train_gates", content_key("train_gates", TRAIN_CODE_VERSION, stage_cfg, inputs), stage_cfg, inputs, TRAIN_CODE_VERSION)
+
+
+def _load_heads(store: ArtifactStore, heads_key: str, teacher):
+    from pipeline.config import HeadsConfig
+    from pipeline.heads import load_heads
+    from stores.cache import load_tensors
+
+    m = store.manifest("train_heads", heads_key)
+    heads_cfg = HeadsConfig.model_validate({k: v for k, v in m.config.items()})
+    state = load_tensors(store.path("train_heads", heads_key) / "heads.safetensors")
+    return load_heads(heads_cfg, m.config["layers"], teacher, state), m
+
+
+def run_train_gates(cfg: Config, store: ArtifactStore, cache_key: str, heads_key: str, eval_key: str | None = None,
+                    progress: bool = True) -> str:
+    """Train one exit gate per head; report each gate's AUROC for "the head agrees with the
+    final layer" beside the head's own entropy as a predictor, on the eval cache."""
+    from pipeline.gates import gate_exit_probabilities, load_gates
+    from pipeline.train import collect_exit_labels, train_gates
+    from sklearn.metrics import roc_auc_score
+    from stores.cache import save_tensors
+    from stores.checkpoints import FileCheckpoints
+
+    plan = plan_train_gates(cfg, store, cache_key, heads_key, eval_key)
+    if store.exists("train_gates", plan.key):
+        return plan.key
+    reader, teacher = _open_cache(store, cache_key)
+    heads, heads_m = _load_heads(store, heads_key, teacher)
+    if heads_m.inputs["cache"] != cache_key:
+        log.warning("heads %s were trained on cache %s, gates train on %s", heads_key[:12],
+                    heads_m.inputs["cache"][:12], cache_key[:12])
+    layers = heads_m.config["layers"]
+    num_layers = int(reader.attrs["num_layers"])
+    staging = store.staging("train_gates", plan.key)
+    result = train_gates(cfg.gates, heads, layers, num_layers, teacher, reader,
+                         checkpoints=FileCheckpoints(staging / "checkpoints"), progress=progress)
+    save_tensors(staging / "gates.safetensors", result.state)
+    metrics = {"steps": result.steps, "heldout_auroc": _plain(result.auroc),
+               "heldout_entropy_auroc": _plain(result.entropy_auroc), "epochs": [_plain(e) for e in result.epochs]}
+    if eval_key:
+        eval_reader, _ = _open_cache(store, eval_key)
+        labels = collect_exit_labels(heads, teacher, eval_reader)
+        gates = load_gates(cfg.gates, reader.hidden_size, result.state)
+        probs = gate_exit_probabilities(gates, eval_reader)
+        ev = {}
+        for layer in layers:
+            y = labels[f"correct_{layer}"]
+            both = len(set(y.tolist())) == 2
+            ev[str(layer)] = {
+                "agreement": round(float(y.mean()), 5),
+                "gate_auroc": round(float(roc_auc_score(y, probs[layer])), 5) if both else None,
+                "entropy_auroc": round(float(roc_auc_score(y, -labels[f"entropy_{layer}"])), 5) if both else None,
+            }
+            log.info("gate %d: eval AUROC %.3f vs entropy %.3f", layer, ev[str(layer)]["gate_auroc"] or float("nan"),
+                     ev[str(layer)]["entropy_auroc"] or float("nan"))
+        metrics["eval"] = ev
+    shutil_rmtree(staging / "checkpoints")
+    store.publish(Manifest(stage="train_gates", key=plan.key, config=plan.config, inputs=plan.inputs,
+                           code_version=plan.code_version, metrics=metrics, extra={"layers": layers}))
+    return plan.key
+
+
+# -- calibrate ---------------------------------------------------------------------------------
+CALIBRATE_CODE_VERSION = "calibrate-1"
+
+
+def plan_calibrate(cfg: Config, store: ArtifactStore, calib_key: str, heads_key: str, gates_key: str | None,
+                   eval_key: str | None) -> Plan:
+    stage_cfg = canonical(cfg.calibrate)
+    inputs = {"calib_cache": calib_key, "heads": heads_key, **({"gates": gates_key} if gates_key else {}),
+              **({"eval_cache": eval_key} if eval_key else {})}
+    return Plan("calibrate", content_key("calibrate", CALIBRATE_CODE_VERSION, stage_cfg, inputs), stage_cfg, inputs,
+                CALIBRATE_CODE_VERSION)
+
+
+def score_split(store: ArtifactStore, cache_key: str, heads_key: str, gates_key: str | None):
+    """Per-token exit labels (correct, entropy) of every head and the gates' p_exit on a cache."""
+    from pipeline.config import GatesConfig
+    from pipeline.gates import gate_exit_probabilities, load_gates
+    from pipeline.train import collect_exit_labels
+    from stores.cache import load_tensors
+
+    reader, teacher = _open_cache(store, cache_key)
+    heads, heads_m = _load_heads(store, heads_key, teacher)
+    labels = collect_exit_labels(heads, teacher, reader)
+    probs = None
+    if gates_key:
+        gm = store.manifest("train_gates", gates_key)
+        if gm.inputs["heads"] != heads_key:
+            raise InputMismatch(f"gates {gates_key[:12]} belong to heads {gm.inputs['heads'][:12]}, not {heads_key[:12]}; "
+                                "pass the gates trained on these heads")
+        gates = load_gates(GatesConfig.model_validate(gm.config), reader.hidden_size,
+                           load_tensors(store.path("train_gates", gates_key) / "gates.safetensors"))
+        probs = gate_exit_probabilities(gates, reader)
+    return labels, probs, heads_m, int(reader.attrs["num_layers"])
+
+
+def run_calibrate(cfg: Config, store: ArtifactStore, calib_key: str, heads_key: str, gates_key: str | None = None,
+                  eval_key: str | None = None) -> str:
+    """Thresholds per head, predictor and level with a Learn-then-Test guarantee, the cascade,
+    and (given an eval cache) how each threshold holds on held-out tokens: calibration.json."""
+    from pipeline.calibrate import calibrate_exits, check_held_out
+    from stores.artifacts import write_json_atomic
+
+    plan = plan_calibrate(cfg, store, calib_key, heads_key, gates_key, eval_key)
+    if store.exists("calibrate", plan.key):
+        return plan.key
+    heads_m = store.manifest("train_heads", heads_key)
+    calib_m = store.manifest("extract", calib_key)
+    heads_cache_m = store.manifest("extract", heads_m.inputs["cache"])
+    if calib_m.config["model"] != heads_cache_m.config["model"] or calib_m.config["layers"] != heads_cache_m.config["layers"]:
+        raise InputMismatch(f"heads {heads_key[:12]} come from cache {heads_cache_m.key[:12]} of another backbone or "
+                            f"layer set than calib cache {calib_key[:12]}; calibrate heads on a cache of the same backbone")
+    labels, probs, heads_m, num_layers = score_split(store, calib_key, heads_key, gates_key)
+    calibration = calibrate_exits(labels, probs, heads_m.config["layers"], num_layers, cfg.calibrate)
+    metrics: dict = {"n": calibration["n"]}
+    if eval_key:
+        ev_labels, ev_probs, _, _ = score_split(store, eval_key, heads_key, gates_key)
+        held = check_held_out(calibration, ev_labels, ev_probs, "entropy")
+        if ev_probs is not None:
+            held += check_held_out(calibration, ev_labels, ev_probs, "gate")
+        calibration["held_out"] = held
+        metrics["held_out_met"] = sum(r["met"] for r in held)
+        metrics["held_out_checked"] = len(held)
+    staging = store.staging("calibrate", plan.key)
+    write_json_atomic(staging / "calibration.json", calibration)
+    store.publish(Manifest(stage="calibrate", key=plan.key, config=plan.config, inputs=plan.inputs,
+                           code_version=plan.code_version, metrics=metrics))
+    return plan.key

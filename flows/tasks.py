@@ -42,7 +42,28 @@ def task_options(store: ArtifactStore, stage: str, key: str) -> dict:
 @task(name="extract", cache_policy=CONTENT_KEY, persist_result=True, task_run_name="extract-{split}-{key:.12}")
 def extract_task(key: str, config: dict, root: str, split: str) -> str:
     store = ArtifactStore(root)
-    produced = stages.run_extract(Config.model_validate(config), store, split)
-    if produced != key:
-        raise RuntimeError(f"extract produced key {produced}, planned {key}: inputs changed during the run; run again")
+    return _checked(key, stages.run_extract(Config.model_validate(config), store, split))
+
+
+@task(name="train_heads", cache_policy=CONTENT_KEY, persist_result=True, task_run_name="train_heads-{key:.12}")
+def train_heads_task(key: str, config: dict, root: str, cache_key: str, eval_key: str | None) -> str:
+    return _checked(key, stages.run_train_heads(Config.model_validate(config), ArtifactStore(root), cache_key, eval_key))
+
+
+@task(name="train_gates", cache_policy=CONTENT_KEY, persist_result=True, task_run_name="train_gates-{key:.12}")
+def train_gates_task(key: str, config: dict, root: str, cache_key: str, heads_key: str, eval_key: str | None) -> str:
+    return _checked(key, stages.run_train_gates(Config.model_validate(config), ArtifactStore(root), cache_key,
+                                                heads_key, eval_key))
+
+
+@task(name="calibrate", cache_policy=CONTENT_KEY, persist_result=True, task_run_name="calibrate-{key:.12}")
+def calibrate_task(key: str, config: dict, root: str, calib_key: str, heads_key: str, gates_key: str | None,
+                   eval_key: str | None) -> str:
+    return _checked(key, stages.run_calibrate(Config.model_validate(config), ArtifactStore(root), calib_key,
+                                              heads_key, gates_key, eval_key))
+
+
+def _checked(planned: str, produced: str) -> str:
+    if produced != planned:
+        raise RuntimeError(f"stage produced key {produced}, planned {planned}: inputs changed during the run; run again")
     return produced

@@ -735,3 +735,83 @@ def evaluate_thresholds(scores, correct, results: Sequence[LevelResult], higher_
             }
         )
     return out
+
+
+# --------------------------------------------------------------------------------------
+# the calibrate stage: every head and predictor at once
+
+
+PREDICTORS = {"entropy": False, "gate": True}
+"""Confidence scores a head can exit on, and whether higher means more confident."""
+
+
+def calibrate_exits(
+    labels: Mapping[str, np.ndarray],
+    gate_probs: Mapping[int, np.ndarray] | None,
+    layers: Sequence[int],
+    final_layer: int,
+    cfg,
+) -> dict:
+    """Thresholds for every head x predictor (entropy, gate) x level, by Learn-then-Test and
+    by the plain empirical fit, plus a cascade per predictor: the content of calibration.json.
+
+    `labels` comes from `pipeline.train.collect_exit_labels` (``correct_<l>``,
+    ``correct_true_<l>``, ``entropy_<l>``, ``has_target``); `gate_probs` are the gates' exit
+    probabilities on the same rows. `cfg` is a `CalibrateConfig`. Accuracy is measured against
+    the final layer's top-1 (``reference: final``) or the true next token (``true``).
+    """
+    layers = [int(layer) for layer in layers]
+    keep = np.ones(len(labels["row"]), dtype=bool)
+    if cfg.reference == "true":
+        keep = labels["has_target"].astype(bool)
+    if cfg.max_tokens is not None:
+        keep &= np.cumsum(keep) <= cfg.max_tokens
+    n = int(keep.sum())
+    check_enough_tokens(n, cfg.levels, cfg.delta, learn_fraction=cfg.learn_fraction if cfg.method == "ltt" else 0.0)
+    prefix = "correct_true_" if cfg.reference == "true" else "correct_"
+    correct = {layer: labels[f"{prefix}{layer}"][keep].astype(bool) for layer in layers}
+    scores = {"entropy": {layer: labels[f"entropy_{layer}"][keep] for layer in layers}}
+    if gate_probs is not None:
+        scores["gate"] = {layer: np.asarray(gate_probs[layer])[keep] for layer in layers}
+    opts = {"grid_size": cfg.grid_size, "learn_fraction": cfg.learn_fraction, "seed": cfg.seed}
+    delta = cfg.delta
+    heads: dict[str, dict] = {}
+    cascades: dict[str, dict] = {}
+    for predictor, by_layer in scores.items():
+        hic = PREDICTORS[predictor]
+        for layer in layers:
+            entry = heads.setdefault(str(layer), {"agreement": float(correct[layer].mean()), "n": n})
+            entry[predictor] = {
+                method: [r.to_dict() for r in calibrate_head(by_layer[layer], correct[layer], cfg.levels, delta, method, hic, **opts)]
+                for method in ("ltt", "empirical")
+            }
+        cascades[predictor] = {
+            method: [r.to_dict() for r in calibrate_cascade(by_layer, correct, final_layer, cfg.levels, delta, method, hic, **opts)]
+            for method in ("ltt", "empirical")
+        }
+    return {
+        "levels": list(cfg.levels), "delta": delta, "method": cfg.method, "reference": cfg.reference,
+        "n": n, "layers": layers, "final_layer": final_layer, "heads": heads, "cascade": cascades,
+    }
+
+
+def chosen(calibration: Mapping, predictor: str = "entropy") -> dict[int, list[LevelResult]]:
+    """The thresholds a deployment uses: per head, the configured method's results."""
+    method = calibration["method"]
+    return {int(layer): [LevelResult(**r) for r in entry[predictor][method]]
+            for layer, entry in calibration["heads"].items() if predictor in entry}
+
+
+def check_held_out(calibration: Mapping, labels: Mapping[str, np.ndarray],
+                   gate_probs: Mapping[int, np.ndarray] | None, predictor: str = "entropy") -> list[dict]:
+    """Apply a calibration's chosen thresholds to held-out tokens: per head and level, the exit
+    rate and accuracy there and whether the target held (``met``)."""
+    prefix = "correct_true_" if calibration["reference"] == "true" else "correct_"
+    keep = labels["has_target"].astype(bool) if calibration["reference"] == "true" else np.ones(len(labels["row"]), bool)
+    rows = []
+    for layer, results in chosen(calibration, predictor).items():
+        score = labels[f"entropy_{layer}"] if predictor == "entropy" else np.asarray(gate_probs[layer])
+        for r in evaluate_thresholds(score[keep], labels[f"{prefix}{layer}"][keep].astype(bool), results,
+                                     higher_is_confident=PREDICTORS[predictor]):
+            rows.append({"layer": layer, "predictor": predictor, **r})
+    return rows

@@ -99,6 +99,8 @@ class ExtractConfig(_Section):
 
 
 class HeadsConfig(_Section):
+    layers: list[int] | None = None
+    """Exit layers to train heads for; default: every layer in the cache."""
     kind: Literal["linear", "adapter"] = "adapter"
     """`linear`: norm + full-vocabulary projection initialised from the LM head.
     `adapter`: norm + low-rank residual map into the frozen, shared LM head."""
@@ -167,6 +169,12 @@ class CalibrateConfig(_Section):
     """Accuracy against the final layer's top-1 (`final`) or the true next token (`true`)."""
     max_tokens: int | None = Field(None, gt=0)
     """Use at most this many calib tokens."""
+    learn_fraction: float = Field(0.2, ge=0, lt=1)
+    """Share of calib tokens that choose the candidate thresholds (Learn-then-Test); the rest test them."""
+    grid_size: int = Field(200, gt=1)
+    """Candidate thresholds per head."""
+    seed: int = 0
+    """Seed of the learn/test split of the calib tokens."""
 
     @field_validator("levels")
     @classmethod
@@ -179,7 +187,19 @@ class CalibrateConfig(_Section):
         return sorted(v)
 
 
+class InputsConfig(_Section):
+    """Explicit upstream artifacts (a key or a unique prefix, as `exitflow ls` shows) to use
+    instead of the ones the rest of the config implies. Unset: derived from the config."""
+
+    train_cache: str | None = None
+    calib_cache: str | None = None
+    eval_cache: str | None = None
+    heads: str | None = None
+    gates: str | None = None
+
+
 class Config(_Section):
+    inputs: InputsConfig = Field(default_factory=InputsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)

@@ -60,6 +60,44 @@ def build_gates(cfg: GatesConfig, layers: Sequence[int], hidden_size: int) -> nn
     return gates
 
 
+@torch.no_grad()
+def gate_exit_probabilities(gates: nn.ModuleDict, source, *, max_tokens: int | None = None,
+                            batch_rows: int = 4096) -> dict[int, "np.ndarray"]:
+    """Each gate's p_exit for the source's rows in order (the first `max_tokens`): the same
+    rows, in the same order, as `pipeline.train.collect_exit_labels` reads."""
+    import numpy as np
+
+    layers = [int(k) for k in gates.keys()]
+    device = next(gates.parameters()).device
+    out: dict[int, list] = {layer: [] for layer in layers}
+    seen = 0
+    for batch in source.iter_batches([f"layer_{layer}" for layer in layers], batch_rows, shuffle=False):
+        take = len(next(iter(batch.values())))
+        if max_tokens is not None:
+            take = min(take, max_tokens - seen)
+        for layer in layers:
+            h = torch.from_numpy(batch[f"layer_{layer}"][:take]).to(device)  # [b, H]
+            out[layer].append(gates[str(layer)].exit_probability(h).float().cpu().numpy())  # [b]
+        seen += take
+        if max_tokens is not None and seen >= max_tokens:
+            break
+    return {layer: np.concatenate(v) if v else np.empty(0, np.float32) for layer, v in out.items()}
+
+
+def gates_state_dict(gates: nn.ModuleDict) -> dict[str, torch.Tensor]:
+    """Flat ``<layer>.<param>`` state of all gates, for safetensors."""
+    return {f"{k}.{name}": t.detach().cpu().contiguous() for k, g in gates.items() for name, t in g.state_dict().items()}
+
+
+def load_gates(cfg: GatesConfig, hidden_size: int, state: dict[str, torch.Tensor]) -> nn.ModuleDict:
+    """Inverse of `gates_state_dict`."""
+    layers = sorted({int(k.split(".", 1)[0]) for k in state})
+    gates = build_gates(cfg, layers, hidden_size)
+    for k, g in gates.items():
+        g.load_state_dict({name.split(".", 1)[1]: t for name, t in state.items() if name.split(".", 1)[0] == k})
+    return gates
+
+
 def straight_through_bernoulli(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Forward: a Bernoulli(p) sample, exactly 0 or 1. Backward: identity to p.
 
