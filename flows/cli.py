@@ -51,7 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.flows import FLOWS
     from stores.artifacts import ArtifactStore
 
+    from pipeline.config import load_config
+
     root = str(args.root) if args.root else None
+    load_config(args.config, args.set)  # config problems are reported before any server starts
+    ArtifactStore(root)
     kwargs = {"config_path": args.config, "overrides": args.set, "root": root}
     if args.stage == "extract":
         kwargs["split"] = args.split

@@ -1,0 +1,91 @@
+"""The flows under a real (ephemeral, SQLite) Prefect server: task caching on content keys,
+refresh when an artifact was deleted, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    old = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(home)
+    with prefect_test_harness(server_startup_timeout=90):
+        yield home
+    if old is None:
+        os.environ.pop("PREFECT_HOME", None)
+    else:
+        os.environ["PREFECT_HOME"] = old
+
+
+def _overrides(model, corpus):
+    return [f"model.source={model}", f"data.source={corpus}", "data.seq_len=32", "extract.layers=[1,2]",
+            "extract.max_tokens=2048", "extract.chunk_tokens=256",
+            "data.fractions={train: 0.6, calib: 0.2, eval: 0.2}"]
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    import anyio
+
+    async def fetch():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {r.name: r.state.name for r in runs}
+
+    return anyio.run(fetch)
+
+
+def test_extract_flow_caches_on_content_key_and_refreshes(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
+    from flows.flows import extract_flow
+    from stores.artifacts import ArtifactStore
+
+    root = str(tmp_path / "root")
+    ov = _overrides(tiny_model_dir, corpus_dir)
+    first = extract_flow(overrides=ov, root=root, return_state=True)
+    key = first.result()
+    second = extract_flow(overrides=ov, root=root, return_state=True)
+    assert second.result() == key
+    states = _task_states(second.state_details.flow_run_id)
+    assert list(states.values()) == ["Cached"], states
+    # the artifact is gone: the cached Prefect result must not hide that
+    store = ArtifactStore(root)
+    shutil.rmtree(store.path("extract", key))
+    third = extract_flow(overrides=ov, root=root, return_state=True)
+    assert third.result() == key and store.exists("extract", key)
+    assert list(_task_states(third.state_details.flow_run_id).values()) == ["Completed"]
+    # a changed input is a new key and a new run
+    other = extract_flow(overrides=ov + ["extract.layers=[1,3]"], root=root)
+    assert other != key
+
+
+def test_cli_run_ls_show(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    exe = [sys.executable, "-m", "flows.cli", "--root", str(tmp_path / "root")]
+    sets = [a for o in _overrides(tiny_model_dir, corpus_dir) for a in ("--set", o)]
+    run = subprocess.run(exe + ["run", "extract", *sets], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    key = next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("extract"))
+    assert "path:" in run.stdout
+    ls = subprocess.run(exe + ["ls"], env=env, capture_output=True, text=True, check=True)
+    assert key[:16] in ls.stdout and "extract" in ls.stdout and "STAGE" in ls.stdout
+    show = subprocess.run(exe + ["show", key[:8]], env=env, capture_output=True, text=True, check=True)
+    assert f'"key": "{key}"' in show.stdout and '"layers"' in show.stdout
+    bad = subprocess.run(exe + ["run", "extract", "--set", "extract.layers=[0]", "--set", "data.seq_len=0"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "2 problems" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run(exe + ["run", "extract", "--set", "model.source=/no/model"], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert any(line.startswith("error: model path '/no/model' does not exist") for line in missing.stderr.splitlines())
