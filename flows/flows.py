@@ -122,7 +122,10 @@ def pipeline_flow(config_path: str | None = None, overrides: list[str] | None = 
                   root: str | None = None) -> dict[str, str]:
     """Every implemented stage, in DAG order; unchanged stages are cache hits."""
     keys = calibrate_flow(config_path=config_path, overrides=overrides, root=root)
-    ArtifactStore(root).set_pointer("latest", "calibrate", keys["calibration"], **{k: v for k, v in keys.items() if v})
+    store = ArtifactStore(root)
+    store.set_pointer("latest", "calibrate", keys["calibration"], **{k: v for k, v in keys.items() if v})
+    if store.get_pointer("current") is None:  # the first calibration is what a deployment starts from
+        store.set_pointer("current", "calibrate", keys["calibration"], reason="first calibration")
     return keys
 
 
