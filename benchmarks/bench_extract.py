@@ -53,12 +53,48 @@ def _time_extract(backbone, packed, layers, n_seq, batch, dtype, folder: Path) -
     return time.perf_counter() - t0, path
 
 
+_MEM_CHILD = """
+import resource, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from pipeline.backbone import load_backbone
+from pipeline.config import load_config
+from pipeline.data import load_corpus, pack_split
+from pipeline.extract import chunk_rows_for, extract_hidden_states
+from stores.cache import CacheSchema, CacheWriter
+cfg = load_config(sys.argv[2])
+tokens = int(sys.argv[3])
+bb = load_backbone(cfg.model)
+packed = pack_split(load_corpus(cfg.data), bb.tokenizer, "train", cfg.data)
+seq = cfg.data.seq_len
+n_seq = min(packed.input_ids.shape[0], tokens // seq)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+schema = CacheSchema(n_seq * seq, bb.hidden_size, tuple(cfg.extract.layers), "float16", chunk_rows_for(seq, 4096))
+with tempfile.TemporaryDirectory() as tmp, CacheWriter(Path(tmp) / "c.zarr", schema, {"key": "mem"}) as w:
+    extract_hidden_states(bb, packed, cfg.extract.layers, w, batch_size=cfg.extract.batch_size, max_sequences=n_seq, progress=False)
+    w.finish()
+print(n_seq * seq, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss(config: str, tokens: int) -> dict:
+    """Peak RSS of a fresh process extracting `tokens` tokens (KiB, as getrusage reports)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(ROOT), config, str(tokens)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    n, before, after = (int(x) for x in out[-3:])
+    return {"tokens": n, "peak_rss_mb_after_load": round(before / 1024, 1), "peak_rss_mb": round(after / 1024, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs/default.yaml"))
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per timed pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    ap.add_argument("--memory-tokens", type=int, nargs=2, default=[4096, 24576],
+                    help="token counts of the two peak-memory runs (streaming: same peak)")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -101,6 +137,10 @@ def main() -> None:
         "bytes_over_hidden": {k: round(v / hidden, 3) for k, v in bytes_per.items()},
         "target_bytes_over_hidden": {"float16": 2.0, "int8": 1.0},
     }
+    small, large = (_peak_rss(args.config, t) for t in args.memory_tokens)
+    result["memory"] = {"small": small, "large": large,
+                        "growth_mb": round(large["peak_rss_mb"] - small["peak_rss_mb"], 1),
+                        "cache_bytes_large_mb": round(large["tokens"] * (len(layers) + 1) * bytes_per["float16"] / 2**20, 1)}
     result["meets_targets"] = bool(result["extract_over_bare"] >= 0.9 and result["bytes_over_hidden"]["float16"] <= 2.0
                                    and result["bytes_over_hidden"]["int8"] <= 1.1)
     out = Path(args.out)
@@ -116,6 +156,9 @@ def main() -> None:
         f"| extraction / bare forward | {result['extract_over_bare']:.3f}x | >= 0.9x |",
         f"| cache bytes / token / layer, float16 | {bytes_per['float16']:.0f} ({result['bytes_over_hidden']['float16']:.2f} x hidden) | <= 2 x hidden |",
         f"| cache bytes / token / layer, int8 | {bytes_per['int8']:.0f} ({result['bytes_over_hidden']['int8']:.2f} x hidden) | about 1 x hidden |",
+        f"| peak RSS, {small['tokens']} tokens | {small['peak_rss_mb']:.0f} MB | |",
+        f"| peak RSS, {large['tokens']} tokens | {large['peak_rss_mb']:.0f} MB "
+        f"(growth {result['memory']['growth_mb']:+.0f} MB; the cache written is {result['memory']['cache_bytes_large_mb']:.0f} MB) | no growth with tokens |",
         "", f"Meets targets: **{'yes' if result['meets_targets'] else 'no'}**", "",
     ]
     (out / "extract.md").write_text("\n".join(md))

@@ -305,7 +305,8 @@ def run_train_gates(cfg: Config, store: ArtifactStore, cache_key: str, heads_key
     num_layers = int(reader.attrs["num_layers"])
     staging = store.staging("train_gates", plan.key)
     result = train_gates(cfg.gates, heads, layers, num_layers, teacher, reader,
-                         checkpoints=FileCheckpoints(staging / "checkpoints"), progress=progress)
+                         checkpoints=FileCheckpoints(staging / "checkpoints"), progress=progress,
+                         max_label_tokens=cfg.gates.max_tokens)
     save_tensors(staging / "gates.safetensors", result.state)
     metrics = {"steps": result.steps, "heldout_auroc": _plain(result.auroc),
                "heldout_entropy_auroc": _plain(result.entropy_auroc), "epochs": [_plain(e) for e in result.epochs]}

@@ -156,6 +156,9 @@ class GatesConfig(_Section):
     buffer_chunks: int = Field(4, gt=0)
     seed: int = 0
     max_steps: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(32768, gt=0)
+    """Gates learn from at most this many train tokens: labelling a token costs every head a
+    full-vocabulary pass, and a gate has ~H^2/4 parameters. None: all tokens."""
 
 
 class CalibrateConfig(_Section):

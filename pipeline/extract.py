@@ -2,8 +2,10 @@
 hidden states to a row writer (the zarr cache in practice, any object with the
 :class:`RowWriter` protocol in tests).
 
-The backbone forward dominates; writing runs on a background thread so the next batch's
-forward overlaps the previous batch's cast, checks and disk writes.
+The backbone forward dominates. On a GPU, writing runs on a background thread so the next
+batch's forward overlaps the previous batch's cast, checks and disk writes. On a CPU the
+forward already uses every core: a writer thread would only pre-empt torch's OpenMP workers
+(which then stall at their barriers), so the few milliseconds of writing run inline.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ def chunk_rows_for(seq_len: int, target_rows: int) -> int:
     """Rows per chunk: a whole number of sequences close to the target, so a resumed run
     restarts on a sequence boundary."""
     return seq_len * max(1, round(target_rows / seq_len))
+
+
+class _InlineWriter:
+    def __init__(self, writer: RowWriter):
+        self._writer = writer
+
+    def put(self, rows: dict) -> None:
+        self._writer.append(rows)
+
+    def close(self) -> None:
+        pass
 
 
 class _BackgroundWriter:
@@ -114,7 +127,7 @@ def extract_hidden_states(
         total=n_seq * seq_len, initial=start * seq_len, unit="tok", unit_scale=True,
         desc=f"extract {split.name}", disable=not progress, dynamic_ncols=True,
     )
-    sink = _BackgroundWriter(writer)
+    sink = _BackgroundWriter(writer) if backbone.device.type == "cuda" else _InlineWriter(writer)
     t0 = time.perf_counter()
     try:
         for s in range(start, n_seq, batch_size):
