@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-all bench bench-extract clean help
+.PHONY: setup demo test test-all bench bench-extract bench-train clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv and install everything (once)
 
 demo: setup  ## run the main job on the embedded default (SmolLM2-135M, Python reference)
-	$(VENV)/bin/exitflow run extract --config configs/default.yaml
+	$(VENV)/bin/exitflow run all --config configs/default.yaml
 
 test: setup  ## the default test suite (minutes)
 	$(PY) -m pytest -q
@@ -37,7 +37,10 @@ test-all: setup  ## every test, the slow ones with the real embedded model inclu
 bench-extract: setup  ## extraction throughput vs the bare forward, cache bytes per token
 	$(PY) benchmarks/bench_extract.py
 
-bench: bench-extract  ## all benchmarks
+bench-train: setup  ## offline (cache) vs online training throughput and agreement, full vs efficient loss
+	$(PY) benchmarks/bench_train.py
+
+bench: bench-extract bench-train  ## all benchmarks
 
 clean:  ## remove the venv and the default artifact root
 	rm -rf $(VENV) .exitflow
