@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("extract", "train_heads", "train_gates", "calibrate", "all")
+STAGES = ("extract", "train_heads", "train_gates", "calibrate", "all", "recalibrate")
 
 EPILOG = """\
 examples:
@@ -18,6 +18,7 @@ examples:
   exitflow run train_heads --set heads.epochs=3         # extracts train/eval first if missing
   exitflow run calibrate --set inputs.heads=3fa2c1     # calibrate given heads
   exitflow run all                                       # extract, train heads + gates, calibrate
+  exitflow run recalibrate --data-source ./data/incoming  # recalibrate on new data, drift table
   exitflow ls
   exitflow show 3fa2c1
 artifact root: ./.exitflow, or $EXITFLOW_HOME, or --root
@@ -48,7 +49,7 @@ def _human_size(n: float) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from flows.flows import FLOWS
+    from flows.dag import FLOWS
     from stores.artifacts import ArtifactStore
 
     from pipeline.config import load_config
@@ -61,6 +62,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         kwargs["split"] = args.split
     elif args.split:
         raise SystemExit("error: --split applies to `run extract` only")
+    if args.stage == "recalibrate":
+        from flows.recalibrate import recalibrate_flow
+
+        out = recalibrate_flow(**kwargs, data_source=args.data_source)
+        print(f"calibration  {out['calibration']}")
+        print(f"previous     {out['previous']}")
+        print(f"promoted     {out['promoted']}: {out['reason']}")
+        if out.get("recalibrate"):
+            print(f"drift table: {ArtifactStore(root).path('recalibrate', out['recalibrate']) / 'drift.md'}")
+        return 0
+    elif args.data_source:
+        raise SystemExit("error: --data-source applies to `run recalibrate` only")
     result = FLOWS[args.stage](**kwargs)
     store = ArtifactStore(root)
     keys = {"extract": result} if isinstance(result, str) else {k: v for k, v in result.items() if v}
@@ -124,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set extract.layers=[6,12] (repeatable)")
     run.add_argument("--split", choices=("train", "calib", "eval"), default=None,
                      help="split to extract (default: extract.split from the config)")
+    run.add_argument("--data-source", default=None, metavar="PATH",
+                     help="recalibrate: the data to recalibrate on (e.g. a folder receiving new files); "
+                     "default: data.source from the config")
     run.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("ls", help="list artifacts: stage, key, size, created, inputs")

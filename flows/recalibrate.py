@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
 
-from flows.flows import _Ctx, _calibrate, _extract, _has_split, _setup
+from flows.dag import _Ctx, _calibrate, _extract, _has_split, _setup
 from flows.tasks import CONTENT_KEY, _checked, task_options
 from pipeline.config import ConfigError
 from stores.artifacts import ArtifactNotFound, ArtifactStore, Manifest, content_key, write_json_atomic

@@ -23,11 +23,11 @@ PREFECT = [sys.executable, "-m", "prefect"]
 POOL = "exitflow-process"
 EXPECTED = {  # deployment -> flow function
     "recalibrate-nightly": "flows.recalibrate.recalibrate_flow",
-    "pipeline": "flows.flows.pipeline_flow",
-    "extract": "flows.flows.extract_flow",
-    "train-heads": "flows.flows.train_heads_flow",
-    "train-gates": "flows.flows.train_gates_flow",
-    "calibrate": "flows.flows.calibrate_flow",
+    "pipeline": "flows.dag.pipeline_flow",
+    "extract": "flows.dag.extract_flow",
+    "train-heads": "flows.dag.train_heads_flow",
+    "train-gates": "flows.dag.train_gates_flow",
+    "calibrate": "flows.dag.calibrate_flow",
 }
 
 
@@ -43,7 +43,7 @@ def _deployments(spec) -> dict[str, dict]:
 def _import_flow(entrypoint: str):
     if ":" in entrypoint:
         raise AssertionError(f"{entrypoint}: use a module path; a file entrypoint under flows/ loads with flows/ first "
-                             "on sys.path, where flows/flows.py shadows the flows package")
+                             "on sys.path, where flows/dag.py shadows the flows package")
     module, name = entrypoint.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
 

@@ -49,7 +49,7 @@ def _task_states(flow_run_id) -> dict[str, str]:
 
 
 def test_extract_flow_caches_on_content_key_and_refreshes(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
-    from flows.flows import extract_flow
+    from flows.dag import extract_flow
     from stores.artifacts import ArtifactStore
 
     root = str(tmp_path / "root")

@@ -42,7 +42,7 @@ def _overrides(model_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def deployed(prefect_env, tmp_path_factory, tiny_model_dir, corpus_dir):
     """The whole pipeline once on a folder of documents: `current` points at its calibration."""
-    from flows.flows import pipeline_flow
+    from flows.dag import pipeline_flow
 
     base = tmp_path_factory.mktemp("deployed")
     data = base / "incoming"
