@@ -148,7 +148,6 @@ class FrozenLMHead(nn.Module):
         super().__init__()
         self.register_buffer("weight", teacher.lm_head, persistent=False)  # [V, H]
         self.register_buffer("bias", teacher.lm_head_bias, persistent=False)  # [V] or None
-
         self._rows: _GatheredRows | None = None  # workspace of project_rows; see there
 
     def forward(self, feats: torch.Tensor, vocab_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,10 +169,6 @@ class FrozenLMHead(nn.Module):
             self._rows = _GatheredRows()
         out = _RowDot.apply(feats, self.weight, ids, self._rows)  # [n, k]
         return out if self.bias is None else out + self.bias[ids]  # [n, k]
-
-    def release_workspace(self) -> None:
-        """Free the gathered-rows buffer of `project_rows` (e.g. after training)."""
-        self._rows = None
 
 
 class _GatheredRows:

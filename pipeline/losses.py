@@ -1,5 +1,5 @@
 """Losses and metrics for exit heads: distillation to the final layer, cross-entropy to the
-true token, their cheap candidate-subset versions, and per-layer weights.
+true token, their cheap per-row top-k version, and per-layer weights.
 
 All losses compute in float32 whatever the input dtype: the cache is float16/bfloat16 and a
 softmax over ~50k logits in half precision loses the tail.
@@ -99,102 +99,114 @@ def layer_weights(
 
 
 @dataclass
-class Candidates:
-    """The vocabulary subset one batch is scored on, shared by every head of that batch."""
+class TopkCandidates:
+    """The per-row candidate sets of one batch, built once and shared by every head.
 
-    idx: torch.Tensor  # [k] long, sorted unique token ids
-    teacher_logits: torch.Tensor  # [n, k] teacher logits on idx
-    target_pos: torch.Tensor  # [n] long, position of each row's target in idx, -1 if absent
+    Row i is scored on the columns ``[its teacher top-k | its target | the shared negatives]``
+    (the target column only when the loss has a CE term). Columns that would score a token
+    twice in one row (a negative that is also among the row's top-k or its target; a target
+    column whose target is already in the top-k or absent) are invalid: the student's logit
+    there is masked to -inf, so every token counts once in the row's partition function.
+    """
+
+    row_ids: torch.Tensor
+    """[n, k] or [n, k + 1] long: each row's teacher top-k ids, then its target (0 where unused)."""
+    negatives: torch.Tensor
+    """[m] long: uniformly drawn token ids (without replacement), shared by the rows."""
+    valid: torch.Tensor
+    """[n, c] bool, c = row_ids.shape[1] + m: the columns that are real, distinct candidates."""
+    teacher_logits: torch.Tensor
+    """[n, c] float32: the teacher's full-softmax log-probabilities on the top-k columns, -inf
+    elsewhere (no teacher mass on negatives or on a target outside the top-k)."""
+    target_pos: torch.Tensor
+    """[n] long: column of each row's target, -1 where there is none (or it is not a candidate)."""
 
     @classmethod
-    def from_teacher_logits(
-        cls,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        topk: int,
-        negatives: int,
-        generator: torch.Generator | None = None,
-    ) -> "Candidates":
-        """Build the batch's candidates from full teacher logits [n, V], computed once per
-        batch (they are needed anyway to find the teacher's top-k)."""
-        vocab_size = teacher_logits.shape[-1]
-        top = teacher_logits.topk(min(topk, vocab_size), dim=-1).indices  # [n, topk]
-        idx = sample_candidates(top, targets, vocab_size, negatives, generator)  # [k]
-        return cls(idx=idx, teacher_logits=teacher_logits.index_select(1, idx), target_pos=locate_targets(idx, targets))
+    def build(cls, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+              negatives: int, *, with_target: bool, generator: torch.Generator | None = None) -> "TopkCandidates":
+        """Candidates from the teacher's top-k of each row: ids [n, k] (distinct per row) and
+        their log-probabilities under the full softmax [n, k], targets [n] (-1: none).
+        `with_target` adds a column for a target outside the row's top-k (CE needs the true
+        token among the candidates). Cost O(V + n (k + m)); no [n, V]."""
+        n, k = topk_ids.shape
+        if topk_logprobs.shape != (n, k) or targets.shape != (n,):
+            raise ValueError(
+                f"topk_ids {tuple(topk_ids.shape)}, topk_logprobs {tuple(topk_logprobs.shape)} and targets "
+                f"{tuple(targets.shape)} disagree; pass [n, k], [n, k] and [n] for the same rows"
+            )
+        device = topk_ids.device
+        ids, targets = topk_ids.long(), targets.long().to(device)
+        m = min(int(negatives), vocab_size)
+        neg = torch.randperm(vocab_size, generator=generator, device=device)[:m]  # [m]
+        # a negative is invalid in the rows where it is also a top-k id (or the target, when that
+        # is a candidate): look each row's ids up in a token -> negative-column table,
+        # O(V + n k), no [n, m, k] comparison
+        column = torch.full((vocab_size + 1,), m, dtype=torch.long, device=device)  # [V + 1]; m = "not a negative"
+        column[neg] = torch.arange(m, device=device)
+        taken = ids  # [n, k]
+        if with_target:
+            no_target = torch.full_like(targets, vocab_size)  # -> the table's "not a negative" slot
+            taken = torch.cat([ids, torch.where(targets >= 0, targets, no_target)[:, None]], dim=1)  # [n, k + 1]
+        clash = column[taken]  # [n, k(+1)] negative column of each taken token, m if none
+        neg_valid = torch.ones(n, m + 1, dtype=torch.bool, device=device)
+        neg_valid = neg_valid.scatter_(1, clash, False)[:, :m]  # [n, m]
+        hit = ids == targets[:, None]  # [n, k]
+        in_topk = hit.any(dim=1)  # [n]
+        target_pos = torch.where(in_topk, hit.int().argmax(dim=1), torch.full_like(targets, IGNORE_INDEX))  # [n]
+        parts_ids, parts_valid = [ids], [torch.ones(n, k, dtype=torch.bool, device=device)]
+        if with_target:
+            extra = (targets != IGNORE_INDEX) & ~in_topk  # [n] rows whose target needs its own column
+            parts_ids.append(torch.where(extra, targets, 0)[:, None])  # [n, 1]
+            parts_valid.append(extra[:, None])
+            target_pos = torch.where(extra, torch.full_like(targets, k), target_pos)  # [n]
+        row_ids = torch.cat(parts_ids, dim=1)  # [n, k(+1)]
+        valid = torch.cat(parts_valid + [neg_valid], dim=1)  # [n, c]
+        rest = torch.full((n, valid.shape[1] - k), float("-inf"), device=device)
+        teacher_logits = torch.cat([topk_logprobs.float().to(device), rest], dim=1)  # [n, c]
+        return cls(row_ids=row_ids, negatives=neg, valid=valid, teacher_logits=teacher_logits, target_pos=target_pos)
 
 
-def sample_candidates(
-    teacher_topk_idx: torch.Tensor,
-    targets: torch.Tensor,
-    vocab_size: int,
-    negatives: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sorted unique union of the batch's teacher top-k [n, topk], its true targets [n] (-1
-    skipped) and `negatives` uniformly drawn ids (with replacement, so a few may collide).
+def topk_distill_loss(head: ExitHead, feats: torch.Tensor, cand: TopkCandidates, cfg: HeadsConfig) -> torch.Tensor:
+    """The head loss on each row's own candidate set; never scores the batch-wide union, never
+    builds [n, V] (student or teacher).
 
-    The union over the batch is used by every row: a row is scored on its own top-k plus the
-    others', which covers more of its mass than its own top-k alone.
+    feats [n, H] (from `head.features`). Student logits: the row's top-k (and target) through
+    `head.project_rows` (a gathered [n, k, H] weight, n*k*H multiply-adds) and the shared
+    negatives through `head.project` ([n, m]); duplicate columns masked to -inf. Then the
+    configured `head_loss` on those [n, c] columns, with the teacher's top-k log-probs as its
+    logits (so temperature and the kl / ce / mix choice mean what they mean on the full
+    vocabulary).
+
+    Approximation, row by row, with T_i its teacher top-k and C_i its candidate set:
+    - the teacher is its full softmax restricted to T_i and renormalised, p(t) / p(T_i); its
+      mass outside T_i (the tail) is treated as 0. On SmolLM2-135M over the Python reference
+      a row's top-64 holds 89 % of the teacher's probability on average (median 93 %), so the
+      loss still sees the shape of the head of the distribution, not just its argmax;
+    - the student is its softmax over C_i, so the KL is minimal when its logits on T_i equal
+      the teacher's up to a constant and the negatives sit far below them: the tokens of the
+      teacher's tail are pushed down like negatives, a bias towards a more peaked student
+      (lower entropy than the full KL would give; the top-1 the exits need is unaffected, and
+      entropy-based thresholds are calibrated on the trained heads anyway);
+    - the student's own tail is seen only through the negatives, a fresh uniform sample
+      every step: that is what keeps a token outside T_i from gaining student mass
+      unpenalised. No log-Q (importance) correction is applied (each negative standing in
+      for ~V/m tokens would make the subset partition function estimate the full one, at the
+      price of variance), so the loss is a plain function of C_i, and subset CE is a lower
+      bound of full CE.
+    Compared with scoring every row on the union of the batch's top-k (~6,900 ids at 1024
+    rows), a row no longer sees the other rows' top-k ids (which covered 97.5 % of its mass),
+    and the cost drops from n*|union|*H to n*(k + m)*H. With k = V and no negatives the loss
+    equals the full-vocabulary loss exactly (tested).
     """
-    device = teacher_topk_idx.device
-    neg = torch.randint(0, vocab_size, (negatives,), generator=generator, device=device)  # [negatives]
-    parts = [teacher_topk_idx.reshape(-1), targets[targets != IGNORE_INDEX].to(device), neg]
-    return torch.unique(torch.cat(parts).long())  # [k] sorted
-
-
-def locate_targets(cand_idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Position of each target id [n] in cand_idx [k] (unique ids, any order); -1 where the
-    target is -1 or not a candidate. O(n log k), no [n, k] comparison matrix."""
-    if cand_idx.numel() == 0:
-        return torch.full_like(targets, IGNORE_INDEX)  # [n]
-    sorted_idx, order = cand_idx.sort()  # [k], [k]
-    pos = torch.searchsorted(sorted_idx, targets).clamp_max(sorted_idx.numel() - 1)  # [n]
-    found = (sorted_idx[pos] == targets) & (targets != IGNORE_INDEX)  # [n]
-    return torch.where(found, order[pos], torch.full_like(targets, IGNORE_INDEX))  # [n]
-
-
-def efficient_head_loss(
-    head: ExitHead,
-    feats: torch.Tensor,
-    cand_idx: torch.Tensor,
-    teacher_logits_sub: torch.Tensor,
-    targets: torch.Tensor,
-    cfg: HeadsConfig,
-    target_pos: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The head loss on a candidate subset S of the vocabulary; never builds [n, V].
-
-    feats [n, H] (from `head.features`), cand_idx [k], teacher_logits_sub [n, k], targets [n]
-    (token ids; or pass `target_pos` from `Candidates` to skip locating them again).
-
-    Approximation: student and teacher are both renormalised over S, and the loss is
-    KL(p_teacher|S || p_student|S) (and CE = -log p_student|S(target) when the target is in S).
-    It is zero exactly when the student's logits on S equal the teacher's up to a per-row
-    constant, and it differs from the full KL only through the teacher mass outside S. That
-    mass is small because S holds the teacher's top-k: an LM's next-token distribution is
-    peaked. Measured on SmolLM2-135M over the Python reference: a row's own top-64 holds 89 %
-    of the teacher's probability on average (median 93 %); the union over a 1024-token batch
-    of top-64 ids, targets and 1024 negatives (~6,800 ids, 14 % of the vocabulary, ~7x less
-    projection work) covers 97.5 % on average (10th percentile 93.5 %), and the logit lens's
-    subset KL is within 1 % of its full KL at layers 6, 12 and 24.
-    What S cannot see is the student's own tail: a token outside S may gain student mass
-    unpenalised in that step. The uniform negatives are a fresh random slice of the tail every
-    step, which is what keeps the student's tail down over training. A log-Q (importance)
-    correction, each negative standing in for (V - |positives|) / negatives tokens, would let
-    the subset partition functions estimate the full ones and shrink the remaining bias, at
-    the price of variance and of telling negatives from positives; it is not applied, so the
-    loss is a plain function of S that equals the full loss exactly when S is the whole
-    vocabulary. Subset CE is a lower bound of full CE (the subset partition is smaller).
-    """
-    n, k = feats.shape[0], cand_idx.numel()
-    if teacher_logits_sub.shape != (n, k):
+    n = feats.shape[0]
+    if cand.row_ids.shape[0] != n:
         raise ValueError(
-            f"teacher_logits_sub has shape {tuple(teacher_logits_sub.shape)}, expected [{n}, {k}] "
-            "(the teacher's logits gathered at cand_idx for the same rows as feats)"
+            f"feats has {n} rows but the candidates {cand.row_ids.shape[0]}; build TopkCandidates from the "
+            "same batch rows as feats"
         )
-    student_sub = head.project(feats, cand_idx)  # [n, k]
-    pos = locate_targets(cand_idx, targets) if target_pos is None else target_pos  # [n]
-    return head_loss(student_sub, teacher_logits_sub, pos, cfg)
+    student = torch.cat([head.project_rows(feats, cand.row_ids), head.project(feats, cand.negatives)], dim=1)  # [n, c]
+    student = student.masked_fill(~cand.valid, float("-inf"))  # [n, c] each token once per row
+    return head_loss(student, cand.teacher_logits, cand.target_pos, cfg)
 
 
 def topk_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:

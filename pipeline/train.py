@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from pipeline.config import GatesConfig, HeadsConfig
 from pipeline.gates import build_gates, gate_loss
 from pipeline.heads import TeacherWeights, build_heads, heads_state_dict
-from pipeline.losses import IGNORE_INDEX, Candidates, efficient_head_loss, head_entropy, head_loss, layer_weights
+from pipeline.losses import IGNORE_INDEX, TopkCandidates, head_entropy, head_loss, layer_weights, topk_distill_loss
+from pipeline.teacher import TeacherTopK, topk_of_batch
 
 if TYPE_CHECKING:  # only for annotations: importing the backbone module pulls in transformers
     from pipeline.backbone import Backbone
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # only for annotations: importing the backbone module pulls i
 
 logger = logging.getLogger(__name__)
 
-TRAIN_CODE_VERSION = "train-1"
+TRAIN_CODE_VERSION = "train-2"
 """Bump when training results change for the same inputs; part of the stages' content keys."""
 
 PROBE_ROWS = 2048
@@ -136,7 +137,9 @@ class EpochMetrics:
     also trained on, so this tracks fit, not generalisation (run `evaluate_heads` on the eval
     split for that); with rank-64 adapters over ~10^5 tokens the two hardly differ. The probe
     is used instead of the training batches because with the efficient loss a head's top-1 on
-    the candidate subset is not its top-1 over the vocabulary.
+    its candidates is not its top-1 over the vocabulary. With a precomputed `TeacherTopK` the
+    probe's teacher top-1 is its stored top-1 (`ids[:, 0]`), so training never computes the
+    teacher's full logits.
     """
 
     epoch: int
@@ -621,13 +624,18 @@ def _throughput(history: list[dict]) -> float:
 
 @torch.no_grad()
 def _score_rows(heads: nn.ModuleDict, teacher: TeacherWeights, batch: dict[str, np.ndarray], layers: Sequence[int],
-                device: torch.device) -> tuple[dict[int, dict[str, np.ndarray]], np.ndarray]:
+                device: torch.device, teacher_top1: np.ndarray | None = None
+                ) -> tuple[dict[int, dict[str, np.ndarray]], np.ndarray]:
     """Full-vocabulary top-1 and entropy of every head on a batch, against the teacher's top-1
-    and the true next token. Blocks of `SCORE_BLOCK_ROWS` keep memory bounded."""
-    final = _tensor(batch["final"], device)  # [n, H]
+    (from the batch's final states, or `teacher_top1` [n] when given) and the true next token.
+    Blocks of `SCORE_BLOCK_ROWS` keep memory bounded."""
     targets = _tensor(batch["targets"].astype(np.int64), device)  # [n]
-    n, blk = final.shape[0], SCORE_BLOCK_ROWS
-    t_top1 = torch.cat([teacher.logits(final[a : a + blk]).argmax(-1) for a in range(0, n, blk)])  # [n]
+    n, blk = targets.shape[0], SCORE_BLOCK_ROWS
+    if teacher_top1 is not None:
+        t_top1 = _tensor(np.asarray(teacher_top1).astype(np.int64), device)  # [n]
+    else:
+        final = _tensor(batch["final"], device)  # [n, H]
+        t_top1 = torch.cat([teacher.logits(final[a : a + blk]).argmax(-1) for a in range(0, n, blk)])  # [n]
     scores: dict[int, dict[str, np.ndarray]] = {}
     for layer in layers:
         head = heads[str(layer)]
@@ -752,21 +760,38 @@ def _read_probe(source: BatchSource, names: list[str], rows: int) -> dict[str, n
 
 def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teacher: TeacherWeights,
                 source: BatchSource, *, checkpoints: CheckpointIO | None = None, progress: bool = True,
-                device: str | torch.device = "cpu") -> HeadsResult:
+                device: str | torch.device = "cpu", teacher_topk: TeacherTopK | None = None) -> HeadsResult:
     """Train one exit head per layer to reproduce the final layer (and/or the true next token).
 
-    Per step one batch of `cfg.batch_tokens` rows is read; the teacher's logits are computed
-    once from the cached final state and shared by every head. Each head's weighted loss is
-    backpropagated as soon as it is computed, so only one head's [n, V] graph is alive at a time
-    (the gradient equals that of the summed loss: heads share no trainable parameter). With
-    `cfg.efficient_loss`, heads are scored on the batch's candidate subset only and never build
-    [n, V] logits; the teacher still needs its full logits once, to find its top-k.
+    Per step one batch of `cfg.batch_tokens` rows is read. Each head's weighted loss is
+    backpropagated as soon as it is computed, so only one head's graph is alive at a time (the
+    gradient equals that of the summed loss: heads share no trainable parameter).
+
+    Full loss: the teacher's logits are computed once per batch from the cached final state
+    and shared by every head; each head builds [n, V] logits.
+    `cfg.efficient_loss`: each row is scored on its teacher top-k (`cfg.topk`) plus
+    `cfg.negatives` shared random ids (`topk_distill_loss`); no [n, V] tensor for the heads.
+    The teacher's top-k comes from `teacher_topk` (precomputed once per cache, read by the
+    source's ``row``: the teacher's full logits are then never computed, not even for the
+    probe) or, without it, from the batch's final states (`topk_of_batch`: online training,
+    or a cache without a precomputed top-k). `teacher_topk` is ignored by the full loss.
     """
     layers = _check_layers(layers)
     weights = layer_weights(layers, num_layers, cfg.layer_weights)
     device = torch.device(device)
     teacher_d = _teacher_on(teacher, device)
-    names = [_layer_name(layer) for layer in layers] + ["final", "targets"]
+    stored = teacher_topk if cfg.efficient_loss else None
+    if teacher_topk is not None and stored is None:
+        logger.info("heads: the full loss does not use the precomputed teacher top-k; ignoring it")
+    if stored is not None:
+        if stored.num_tokens != source.num_tokens:
+            raise ValueError(f"the teacher top-k covers {stored.num_tokens} rows but the source has {source.num_tokens}; "
+                             "pass the top-k computed for this source's cache")
+        if stored.k < cfg.topk:
+            raise ValueError(f"the teacher top-k holds k={stored.k} per row but heads.topk={cfg.topk}; "
+                             f"recompute it with k >= {cfg.topk} or lower heads.topk")
+    layer_names = [_layer_name(layer) for layer in layers]
+    names = layer_names + (["targets", "row"] if stored is not None else ["final", "targets"])
     part_names = [f"head {layer}" for layer in layers]
 
     with torch.random.fork_rng(devices=_rng_devices(device)):
@@ -774,31 +799,38 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
         heads = build_heads(cfg, layers, teacher).to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         probe = _read_probe(source, names, PROBE_ROWS)
+        probe_top1 = None if stored is None else stored.rows(probe["row"], 1)[0][:, 0]  # [p] teacher top-1
+
+        def candidates(batch: dict[str, np.ndarray], targets: torch.Tensor) -> TopkCandidates:
+            if stored is not None:
+                ids, logprobs = stored.rows(batch["row"], cfg.topk)  # [n, k], [n, k]
+                ids, logprobs = _tensor(ids, device), _tensor(logprobs, device)
+            else:
+                ids, logprobs = topk_of_batch(teacher_d, _tensor(batch["final"], device), cfg.topk)  # [n, k] x2
+            return TopkCandidates.build(ids, logprobs, targets, teacher.vocab_size, cfg.negatives,
+                                        with_target=cfg.loss != "kl", generator=generator)
 
         def step(batch: dict[str, np.ndarray]) -> _StepOut:
-            final = _tensor(batch["final"], device)  # [n, H]
             targets = _tensor(batch["targets"].astype(np.int64), device)  # [n]
             with torch.no_grad():
-                teacher_logits = teacher_d.logits(final)  # [n, V], once for all heads
-                cand = None
                 if cfg.efficient_loss:
-                    cand = Candidates.from_teacher_logits(teacher_logits, targets, cfg.topk, cfg.negatives, generator)
-                    teacher_logits = None  # [n, V] no longer needed; free it before the heads run
+                    cand, teacher_logits = candidates(batch, targets), None
+                else:
+                    cand, teacher_logits = None, teacher_d.logits(_tensor(batch["final"], device))  # [n, V], once
             losses = []
             for w, layer in zip(weights, layers):
                 head = heads[str(layer)]
                 feats = head.features(_tensor(batch[_layer_name(layer)], device))  # [n, H]
                 if cand is not None:
-                    loss = efficient_head_loss(head, feats, cand.idx, cand.teacher_logits, targets, cfg,
-                                               target_pos=cand.target_pos)
+                    loss = topk_distill_loss(head, feats, cand, cfg)  # via [n, k + m (+1)]
                 else:
                     loss = head_loss(head.project(feats), teacher_logits, targets, cfg)  # via [n, V]
                 (w * loss).backward()
                 losses.append((w * loss).detach())
-            return _StepOut(parts=torch.stack(losses), rows=int(final.shape[0]))  # [K]
+            return _StepOut(parts=torch.stack(losses), rows=int(targets.shape[0]))  # [K]
 
         def end_epoch() -> dict[str, Any]:
-            scores, valid = _score_rows(heads, teacher_d, probe, layers, device)
+            scores, valid = _score_rows(heads, teacher_d, probe, layers, device, teacher_top1=probe_top1)
             return {
                 "agreement": {layer: float(s["correct"].mean()) for layer, s in scores.items()},
                 "accuracy": {layer: float(s["correct_true"][valid].mean()) if valid.any() else float("nan")
@@ -812,7 +844,8 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
             generator=generator,
             signature={"config": cfg.model_dump(mode="json"), "layers": layers, "num_layers": int(num_layers),
                        "vocab_size": teacher.vocab_size, "hidden_size": teacher.hidden_size,
-                       "num_tokens": int(source.num_tokens), "code_version": TRAIN_CODE_VERSION},
+                       "num_tokens": int(source.num_tokens), "code_version": TRAIN_CODE_VERSION,
+                       "teacher_topk": None if stored is None else "precomputed"},
         )
         fit = _fit(task, cfg, source, checkpoints, progress, device)
 

@@ -146,6 +146,63 @@ def test_project_subset_equals_gathered_full_logits(kind):
     torch.testing.assert_close(head.project(feats, idx), head.project(feats)[:, idx])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_project_rows_equals_gathered_project(kind):
+    teacher = make_teacher(bias=True)
+    head = build_heads(cfg_for(kind), LAYERS, teacher)["3"]
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    h = torch.randn(6, H)
+    ids = torch.randint(0, V, (6, 9))
+    ids[0, :3] = 7  # repeated ids in a row are scored independently
+    got = head.project_rows(head.features(h), ids)  # [n, k]
+    want = head.project(head.features(h)).gather(1, ids)  # [n, k] from [n, V]
+    torch.testing.assert_close(got, want)
+    # same gradient as scoring through the full projection
+    g = torch.randn(6, 9)
+    got_grads = torch.autograd.grad((head.project_rows(head.features(h), ids) * g).sum(), list(head.parameters()))
+    want_grads = torch.autograd.grad((head.project(head.features(h)).gather(1, ids) * g).sum(), list(head.parameters()))
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_adapter_project_rows_gathers_once_and_survives_reuse(teacher, monkeypatch):
+    """Adapter heads share the frozen LM head's gathered rows: gathered once per ids tensor, in
+    a reused buffer. A graph built on older ids still gets its own gradient after the buffer
+    moved on, and ids written in place are gathered again."""
+    heads = build_heads(cfg_for("adapter"), LAYERS, teacher)
+    a, b = heads["2"], heads["3"]
+    with torch.no_grad():
+        a.up.weight.normal_()
+    h = torch.randn(5, H)
+    ids1, ids2 = torch.randint(0, V, (5, 4)), torch.randint(0, V, (5, 4))
+
+    calls = []
+    original = torch.index_select
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", counting)
+    out_a = a.project_rows(a.features(h), ids1)
+    b.project_rows(b.features(h), ids1)
+    assert len(calls) == 1, "the second adapter head should reuse the rows gathered for the first"
+    b.project_rows(b.features(h), ids2)  # the buffer now holds ids2's rows
+    assert len(calls) == 2
+    (out_a * torch.arange(4.0)).sum().backward()  # the graph of ids1 regathers in backward
+    assert len(calls) == 3
+    grad = a.up.weight.grad.clone()
+    a.zero_grad()
+    ref = a.project(a.features(h)).gather(1, ids1)
+    (ref * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(grad, a.up.weight.grad)
+
+    ids2[:, 0] = (ids2[:, 0] + 1) % V  # in place: the cached rows are stale now
+    torch.testing.assert_close(b.project_rows(b.features(h), ids2), b.project(b.features(h)).gather(1, ids2))
+
+
 def test_teacher_logits(teacher):
     f = torch.randn(5, H)
     torch.testing.assert_close(teacher.logits(f), f @ teacher.lm_head.T)

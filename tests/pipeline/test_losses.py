@@ -1,5 +1,6 @@
-"""Head losses: KL and CE against references, layer weights, candidate sampling, and the
-subset ("efficient") loss: exact at the full vocabulary, never scoring the full vocabulary."""
+"""Head losses: KL and CE against references, layer weights, per-row top-k candidates, and the
+per-row top-k ("efficient") loss: exact at the full vocabulary, equal to a row-by-row reference
+with duplicates removed, finite with masked entries, never scoring the full vocabulary."""
 
 from __future__ import annotations
 
@@ -13,16 +14,14 @@ import torch.nn.functional as F
 from pipeline.config import HeadsConfig
 from pipeline.heads import AdapterHead, TeacherWeights, build_heads
 from pipeline.losses import (
-    Candidates,
+    TopkCandidates,
     cross_entropy,
-    efficient_head_loss,
     head_entropy,
     head_loss,
     kl_distill,
     layer_weights,
-    locate_targets,
-    sample_candidates,
     topk_agreement,
+    topk_distill_loss,
 )
 
 H, V = 16, 40
@@ -114,54 +113,75 @@ def test_layer_weights():
         layer_weights([0, 12], 30, "proportional")
 
 
-# --- candidates -----------------------------------------------------------------------------
+# --- per-row top-k candidates ----------------------------------------------------------------
 
 
-def test_sample_candidates_contains_topk_and_targets():
-    g = torch.Generator().manual_seed(0)
-    teacher = torch.randn(10, 1000)
-    top = teacher.topk(5, -1).indices
-    targets = torch.randint(0, 1000, (10,))
-    targets[3] = -1
-    idx = sample_candidates(top, targets, 1000, negatives=50, generator=g)
-    assert idx.dtype == torch.long and idx.ndim == 1
-    assert torch.equal(idx, torch.unique(idx))  # sorted, no duplicates
-    assert 0 <= idx.min() and idx.max() < 1000
-    assert set(top.flatten().tolist()) <= set(idx.tolist())
-    assert set(targets[targets >= 0].tolist()) <= set(idx.tolist())
-    assert idx.numel() >= len(set(top.flatten().tolist()) | set(targets[targets >= 0].tolist())) + 10
-    again = sample_candidates(top, targets, 1000, negatives=50, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(idx, again)
+def teacher_topk(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference top-k: ids [n, k] and full-softmax log-probs [n, k], by decreasing probability."""
+    values, ids = teacher_logits.topk(k, dim=-1)
+    return ids, values - teacher_logits.logsumexp(-1, keepdim=True)
 
 
-def test_locate_targets():
-    cand = torch.tensor([9, 2, 30, 4])  # any order
-    targets = torch.tensor([4, 5, -1, 9, 30])
-    assert locate_targets(cand, targets).tolist() == [3, -1, -1, 0, 2]
+def test_topk_candidates_layout_and_duplicates():
+    vocab, n, k, m = 1000, 12, 5, 300
+    logits = 3 * torch.randn(n, vocab)
+    ids, logprobs = teacher_topk(logits, k)
+    targets = torch.randint(0, vocab, (n,))
+    targets[0] = -1
+    targets[1] = ids[1, 3]  # a target inside the row's top-k
+    c = TopkCandidates.build(ids, logprobs, targets, vocab, m, with_target=True,
+                             generator=torch.Generator().manual_seed(0))
+    assert c.row_ids.shape == (n, k + 1) and c.negatives.shape == (m,) and c.valid.shape == (n, k + 1 + m)
+    assert len(set(c.negatives.tolist())) == m  # drawn without replacement
+    assert torch.equal(c.row_ids[:, :k], ids) and c.valid[:, :k].all()
+    torch.testing.assert_close(c.teacher_logits[:, :k], logprobs)
+    assert torch.isinf(c.teacher_logits[:, k:]).all()  # no teacher mass outside the top-k
+    for i in range(n):
+        cols = torch.cat([c.row_ids[i], c.negatives])  # [c] token of each column
+        kept = cols[c.valid[i]].tolist()
+        # every token at most once, and nothing lost: top-k, target (if any) and all negatives
+        assert len(kept) == len(set(kept))
+        want = set(ids[i].tolist()) | set(c.negatives.tolist()) | ({int(targets[i])} if targets[i] >= 0 else set())
+        assert set(kept) == want
+        if targets[i] < 0:
+            assert c.target_pos[i] == -1
+        else:
+            assert cols[c.target_pos[i]] == targets[i] and c.valid[i, c.target_pos[i]]
+    assert c.target_pos[1] == 3  # inside the top-k: no extra column used
+    again = TopkCandidates.build(ids, logprobs, targets, vocab, m, with_target=True,
+                                 generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.negatives, c.negatives) and torch.equal(again.valid, c.valid)
+
+    kl_only = TopkCandidates.build(ids, logprobs, targets, vocab, m, with_target=False)
+    assert kl_only.row_ids.shape == (n, k) and kl_only.valid.shape == (n, k + m)
+    for i in range(n):  # without a target column, a negative equal to the target stays a candidate
+        kept = torch.cat([kl_only.row_ids[i], kl_only.negatives])[kl_only.valid[i]].tolist()
+        assert len(kept) == len(set(kept)) and set(kept) == set(ids[i].tolist()) | set(kl_only.negatives.tolist())
 
 
-def test_candidates_from_teacher_logits():
-    teacher = torch.randn(6, V)
-    targets = torch.tensor([1, 2, 3, -1, 5, 6])
-    c = Candidates.from_teacher_logits(teacher, targets, topk=3, negatives=4, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(c.teacher_logits, teacher[:, c.idx])
-    valid = targets >= 0
-    assert torch.equal(c.idx[c.target_pos[valid]], targets[valid])
-    assert c.target_pos[~valid].tolist() == [-1]
+def test_topk_candidates_reject_misaligned_inputs():
+    with pytest.raises(ValueError, match=r"\[n, k\], \[n, k\] and \[n\]"):
+        TopkCandidates.build(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 5), torch.zeros(3, dtype=torch.long),
+                             V, 2, with_target=False)
 
 
-# --- efficient loss -------------------------------------------------------------------------
+# --- per-row top-k loss ---------------------------------------------------------------------
+
+
+def perturbed_head(teacher: TeacherWeights, kind: str, layer: int = 3):
+    head = build_heads(HeadsConfig(kind=kind, rank=4), [layer], teacher)[str(layer)]
+    with torch.no_grad():  # away from init, so the checks are not about the teacher only
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return head
 
 
 @pytest.mark.parametrize("kind", ["linear", "adapter"])
 @pytest.mark.parametrize("loss", ["kl", "ce", "mix"])
-def test_efficient_loss_equals_full_loss_on_whole_vocab(kind, loss):
+def test_topk_loss_equals_full_loss_when_k_is_the_vocabulary(kind, loss):
     teacher = make_teacher()
-    cfg = HeadsConfig(kind=kind, rank=4, loss=loss, temperature=1.5)
-    head = build_heads(cfg, [3], teacher)["3"]
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    cfg = HeadsConfig(kind=kind, rank=4, loss=loss, temperature=1.5, efficient_loss=True)
+    head = perturbed_head(teacher, kind)
     h, f = torch.randn(9, H), torch.randn(9, H)
     targets = torch.randint(0, V, (9,))
     targets[0] = -1
@@ -169,12 +189,71 @@ def test_efficient_loss_equals_full_loss_on_whole_vocab(kind, loss):
 
     full = head_loss(head(h), teacher_logits, targets, cfg)
     full_grads = torch.autograd.grad(full, list(head.parameters()))
-    perm = torch.randperm(V)  # the candidate order must not matter
-    eff = efficient_head_loss(head, head.features(h), perm, teacher_logits[:, perm], targets, cfg)
+    ids, logprobs = teacher_topk(teacher_logits, V)  # every token, each row in its own order
+    cand = TopkCandidates.build(ids, logprobs, targets, V, 0, with_target=loss != "kl")
+    eff = topk_distill_loss(head, head.features(h), cand, cfg)
     eff_grads = torch.autograd.grad(eff, list(head.parameters()))
     torch.testing.assert_close(eff, full)
     for a, b in zip(eff_grads, full_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("loss", ["kl", "mix"])
+def test_topk_loss_equals_a_row_by_row_reference(loss):
+    """Each row: teacher = its top-k renormalised, student = softmax over the distinct tokens of
+    {its top-k, the negatives, its target (mix)}; duplicates count once."""
+    teacher = make_teacher(vocab=60)
+    cfg = HeadsConfig(rank=4, loss=loss, ce_weight=0.3, temperature=2.0)
+    head = perturbed_head(teacher, "adapter")
+    n, k, m = 7, 6, 25
+    h, f = torch.randn(n, H), torch.randn(n, H)
+    teacher_logits = teacher.logits(f)
+    ids, logprobs = teacher_topk(teacher_logits, k)
+    targets = torch.randint(0, 60, (n,))
+    targets[2], targets[4] = -1, ids[4, 1]
+    cand = TopkCandidates.build(ids, logprobs, targets, 60, m, with_target=loss != "kl",
+                                generator=torch.Generator().manual_seed(3))
+    assert (~cand.valid).any(), "the draw should produce duplicates to mask"
+    got = topk_distill_loss(head, head.features(h), cand, cfg)
+
+    student = head(h)  # [n, V] reference logits
+    t = cfg.temperature
+    kls, ces = [], []
+    for i in range(n):
+        tokens = set(ids[i].tolist()) | set(cand.negatives.tolist())
+        if loss != "kl" and targets[i] >= 0:
+            tokens.add(int(targets[i]))
+        tokens = torch.tensor(sorted(tokens))
+        log_q = F.log_softmax(student[i, tokens] / t, -1)
+        log_p = F.log_softmax(logprobs[i] / t, -1)  # the top-k, renormalised
+        pos = torch.searchsorted(tokens, ids[i])
+        kls.append((log_p.exp() * (log_p - log_q[pos])).sum() * t * t)
+        if targets[i] >= 0:
+            ces.append(-F.log_softmax(student[i, tokens], -1)[torch.searchsorted(tokens, targets[i])])
+    kl = torch.stack(kls).mean()
+    want = kl if loss == "kl" else (1 - cfg.ce_weight) * kl + cfg.ce_weight * torch.stack(ces).mean()
+    torch.testing.assert_close(got, want)
+
+
+def test_topk_loss_is_finite_with_masked_entries_and_gradients_flow():
+    teacher = make_teacher()
+    cfg = HeadsConfig(rank=4, loss="mix")
+    head = perturbed_head(teacher, "adapter")
+    n, k = 6, 8
+    h, f = torch.randn(n, H), torch.randn(n, H)
+    ids, logprobs = teacher_topk(teacher.logits(f), k)
+    logprobs[0, -1] = float("-inf")  # a top-k token without teacher mass
+    targets = ids[:, 0].clone()
+    targets[1], targets[2] = -1, (ids[2].max() + 1) % V
+    # every token is a negative: all duplicates of the top-k and targets are masked
+    cand = TopkCandidates.build(ids, logprobs, targets, V, V, with_target=True)
+    assert (~cand.valid).sum() >= n * k
+    loss = topk_distill_loss(head, head.features(h), cand, cfg)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    for name, p in head.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    assert head.up.weight.grad.abs().sum() > 0 and head.down.weight.grad is not None
 
 
 class _SubsetOnlyHead(AdapterHead):
@@ -187,31 +266,34 @@ class _SubsetOnlyHead(AdapterHead):
         return out
 
 
-def test_efficient_loss_never_scores_the_full_vocab():
+def test_topk_loss_never_scores_the_full_vocab():
     vocab, n = 200_000, 8
     teacher = make_teacher(vocab=vocab)
     head = _SubsetOnlyHead(4, teacher, rank=4)
     h, f = torch.randn(n, H), torch.randn(n, H)
     targets = torch.randint(0, vocab, (n,))
     cfg = HeadsConfig(loss="mix", topk=16, negatives=256)
-    teacher_logits = teacher.logits(f)  # [n, V]: the teacher side, once per batch for all heads
-    c = Candidates.from_teacher_logits(teacher_logits, targets, cfg.topk, cfg.negatives, torch.Generator().manual_seed(0))
+    ids, logprobs = teacher_topk(teacher.logits(f), cfg.topk)  # the teacher side: precomputed in training
+    cand = TopkCandidates.build(ids, logprobs, targets, vocab, cfg.negatives, with_target=True,
+                                generator=torch.Generator().manual_seed(0))
 
     start = time.perf_counter()
     for _ in range(20):
-        loss = efficient_head_loss(head, head.features(h), c.idx, c.teacher_logits, targets, cfg, target_pos=c.target_pos)
+        loss = topk_distill_loss(head, head.features(h), cand, cfg)
         loss.backward()
     elapsed = time.perf_counter() - start
-    assert head.scored == (n, c.idx.numel()) and c.idx.numel() <= n * cfg.topk + n + cfg.negatives
+    assert head.scored == (n, cfg.negatives) and cand.valid.shape == (n, cfg.topk + 1 + cfg.negatives)
     assert torch.isfinite(loss)
-    assert elapsed < 2.0, f"20 subset steps took {elapsed:.2f}s; something scores the full vocabulary"
+    assert elapsed < 2.0, f"20 top-k steps took {elapsed:.2f}s; something scores the full vocabulary"
 
 
-def test_efficient_loss_rejects_misaligned_teacher():
+def test_topk_loss_rejects_misaligned_feats():
     teacher = make_teacher()
     head = build_heads(HeadsConfig(rank=4), [1], teacher)["1"]
-    with pytest.raises(ValueError, match="cand_idx"):
-        efficient_head_loss(head, torch.randn(3, H), torch.arange(5), torch.randn(3, 4), torch.zeros(3, dtype=torch.long), HeadsConfig())
+    ids, logprobs = teacher_topk(torch.randn(3, V), 4)
+    cand = TopkCandidates.build(ids, logprobs, torch.zeros(3, dtype=torch.long), V, 2, with_target=False)
+    with pytest.raises(ValueError, match="same batch rows"):
+        topk_distill_loss(head, torch.randn(5, H), cand, HeadsConfig())
 
 
 # --- metrics --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config import GatesConfig, HeadsConfig
 from pipeline.heads import AdapterHead, TeacherWeights, load_heads
+from pipeline.teacher import TeacherTopK, compute_teacher_topk
 from pipeline.train import (
     OnlineSource,
     TrainingDiverged,
@@ -179,6 +180,7 @@ def test_trained_heads_beat_the_logit_lens_at_every_layer(synth):
 
 
 def test_efficient_loss_learns_without_full_vocabulary_student_logits(synth, monkeypatch):
+    """Without a precomputed top-k (as online): the teacher's top-k of each batch's final states."""
     original = AdapterHead.project
     subset_sizes = []
 
@@ -202,9 +204,74 @@ def test_efficient_loss_learns_without_full_vocabulary_student_logits(synth, mon
         assert trained[layer].agreement > lens[layer].agreement + 0.2, (layer, trained[layer], lens[layer])
 
 
-@pytest.mark.parametrize("kind,loss", [("linear", "mix"), ("adapter", "ce")])
-def test_other_head_kinds_and_losses_train(synth, kind, loss):
-    cfg = heads_cfg(kind=kind, loss=loss, epochs=1, layer_weights="proportional")
+def precompute_topk(teacher: TeacherWeights, source, k: int) -> TeacherTopK:
+    ids, logprobs = np.zeros((source.num_tokens, k), np.int32), np.zeros((source.num_tokens, k), np.float32)
+    compute_teacher_topk(teacher, source, k, ids, logprobs, batch_rows=1000, progress=False)
+    return TeacherTopK(ids=ids, logprobs=logprobs)
+
+
+def test_offline_efficient_training_from_a_precomputed_top_k_never_computes_teacher_logits(synth, monkeypatch):
+    """The product path: the teacher's top-k once per cache, then training reads it by row. Neither
+    a step nor the per-epoch probe computes teacher logits, no step builds [n, V] student logits,
+    and the heads still beat the logit lens by a wide margin."""
+    topk = precompute_topk(synth.teacher, synth.train, 4)
+
+    def no_teacher_logits(self, *args, **kwargs):
+        raise AssertionError("offline efficient training computed the teacher's logits")
+
+    original = AdapterHead.project
+
+    def subset_only(self, feats, vocab_idx=None):
+        if torch.is_grad_enabled():
+            assert vocab_idx is not None, "a training step built [n, V] student logits"
+        return original(self, feats, vocab_idx)
+
+    monkeypatch.setattr(TeacherWeights, "logits", no_teacher_logits)
+    monkeypatch.setattr(AdapterHead, "project", subset_only)
+    cfg = heads_cfg(epochs=6, efficient_loss=True, topk=4, negatives=16)
+    result = train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False, teacher_topk=topk)
+    assert result.steps == 144 and result.epochs[-1].loss < result.epochs[0].loss
+    monkeypatch.undo()
+
+    heads = load_heads(cfg, LAYERS, synth.teacher, result.state)
+    trained = evaluate_heads(heads, synth.teacher, synth.eval)
+    lens = evaluate_heads(logit_lens(synth.teacher, LAYERS), synth.teacher, synth.eval)
+    for layer in LAYERS:
+        assert trained[layer].agreement > lens[layer].agreement + 0.2, (layer, trained[layer], lens[layer])
+        assert trained[layer].agreement > 0.7
+    # the probe's teacher top-1 (stored ids[:, 0]) is the teacher's argmax: same agreement as recomputed
+    probe = evaluate_heads(heads, synth.teacher, synth.train, max_tokens=2048)
+    for layer in LAYERS:
+        assert result.epochs[-1].agreement[layer] == pytest.approx(probe[layer].agreement, abs=1e-9)
+
+
+def test_precomputed_and_per_batch_top_k_train_alike(synth):
+    """Offline (stored top-k, read by row) and per-batch (top-k of the batch's final states, as
+    online) run the same math on the same rows: the same losses up to float rounding."""
+    cfg = heads_cfg(epochs=1, efficient_loss=True, topk=8, negatives=32, loss="mix")
+    topk = precompute_topk(synth.teacher, synth.train, 16)  # k above heads.topk: the first 8 are used
+    stored = train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False, teacher_topk=topk)
+    per_batch = train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False)
+    assert stored.epochs[0].loss == pytest.approx(per_batch.epochs[0].loss, rel=1e-4)
+    for k in stored.state:
+        torch.testing.assert_close(stored.state[k], per_batch.state[k], rtol=1e-3, atol=1e-3)
+
+
+def test_a_teacher_top_k_that_does_not_fit_is_refused(synth):
+    cfg = heads_cfg(epochs=1, efficient_loss=True, topk=8, negatives=8)
+    with pytest.raises(ValueError, match="k >= 8"):
+        train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.small, progress=False,
+                    teacher_topk=precompute_topk(synth.teacher, synth.small, 4))
+    with pytest.raises(ValueError, match="covers 1024 rows but the source has 6144"):
+        train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False,
+                    teacher_topk=precompute_topk(synth.teacher, synth.small, 8))
+
+
+@pytest.mark.parametrize("kind,loss,efficient", [("linear", "mix", False), ("adapter", "ce", False),
+                                                 ("linear", "ce", True)])
+def test_other_head_kinds_and_losses_train(synth, kind, loss, efficient):
+    cfg = heads_cfg(kind=kind, loss=loss, epochs=1, layer_weights="proportional", efficient_loss=efficient,
+                    topk=4, negatives=16)
     result = train_heads(cfg, [1, 3], NUM_LAYERS, synth.teacher, synth.small, progress=False)
     assert result.steps == 4 and np.isfinite(result.epochs[0].loss)
     assert set(result.epochs[0].agreement) == {1, 3}
