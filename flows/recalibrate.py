@@ -82,7 +82,7 @@ def run_recalibrate(store: ArtifactStore, new_key: str, previous_key: str | None
     if "held_out" not in new:
         raise ValueError(f"calibration {new_key[:12]} has no held-out check; calibrate with an eval split")
     rows = _drift_rows(old, new)
-    failures = [r for r in new["held_out"] if not r["met"]]
+    failures = [r for r in new["held_out"] if not r["held"]]
     promote = not failures
     reason = _reason(new_key, previous_key, failures)
     outcome = {"calibration": new_key, "previous": previous_key, "promote": promote, "reason": reason,
@@ -122,7 +122,7 @@ def _drift_rows(old: dict | None, new: dict) -> list[dict]:
                 h = held.get((predictor, layer, float(row["level"])), {})
                 rows.append({"predictor": predictor, "layer": layer, **row,
                              "held_out_accuracy": h.get("accuracy"), "held_out_exit_rate": h.get("exit_rate"),
-                             "held_out_met": h.get("met")})
+                             "held_out_met": h.get("met"), "held_out_held": h.get("held")})
     return rows
 
 
@@ -134,7 +134,7 @@ def _reason(new_key: str, previous_key: str | None, failures: list[dict]) -> str
                          for r in failures)
         return f"{len(failures)} held-out check(s) failed ({what}); {kept}"
     first = "" if previous_key else " (the first current calibration)"
-    return f"every threshold met its target on held-out tokens; calibration {new_key[:12]} promoted{first}"
+    return f"every threshold held its target on held-out tokens; calibration {new_key[:12]} promoted{first}"
 
 
 def _fmt(x) -> str:
@@ -156,16 +156,17 @@ def _markdown(outcome: dict) -> str:
         f"- reason: {outcome['reason']}",
         "",
         "Threshold in score units (entropy: nats, exit when below; gate: exit probability, exit when above);",
-        "shift = new - old. Exit rate and accuracy on calib tokens; held-out: the new threshold on eval tokens.",
+        "shift = new - old. Exit rate and accuracy on calib tokens; held-out: the new threshold on eval tokens;",
+        "held: the held-out accuracy is not significantly below the level (one-sided binomial test, p > 0.05).",
         "",
         "| predictor | head | level | old thr | new thr | shift | old exit | new exit | Δ exit | old acc | new acc "
-        "| Δ acc | held-out acc | met |",
+        "| Δ acc | held-out acc | held |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in outcome["drift"]:
         cells = [r["predictor"], r["layer"], f"{r['level']:g}", r["old_threshold"], r["new_threshold"], r["shift"],
                  r["old_exit_rate"], r["new_exit_rate"], r["exit_rate_change"], r["old_accuracy"], r["new_accuracy"],
-                 r["accuracy_change"], r["held_out_accuracy"], r["held_out_met"]]
+                 r["accuracy_change"], r["held_out_accuracy"], r["held_out_held"]]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

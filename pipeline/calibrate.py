@@ -704,10 +704,16 @@ def drift_table(old, new) -> list[dict]:
     return rows
 
 
-def evaluate_thresholds(scores, correct, results: Sequence[LevelResult], higher_is_confident: bool = False) -> list[dict]:
+def evaluate_thresholds(scores, correct, results: Sequence[LevelResult], higher_is_confident: bool = False,
+                        alpha: float = 0.05) -> list[dict]:
     """Apply fitted thresholds to new tokens: per level exit rate, accuracy, and whether it held.
 
     ``met`` is True when the exited tokens are >= level right, or when none exit.
+    ``held`` is the verdict to act on with a finite sample: False only when the exited tokens'
+    accuracy is significantly below the level (one-sided exact binomial test at ``alpha``,
+    p-value in ``p_below``). A threshold whose true accuracy sits just above its target misses
+    ``met`` on about half of all held-out samples; ``held`` fails that way with probability
+    at most ``alpha``.
     """
     s, c = _check_arrays(scores, correct)
     out = []
@@ -721,6 +727,7 @@ def evaluate_thresholds(scores, correct, results: Sequence[LevelResult], higher_
         m = exit_mask(s, d["threshold"], higher_is_confident)
         k = int(m.sum())
         acc = float(c[m].mean()) if k else None
+        p_below = float(binom.cdf(int(c[m].sum()), k, d["level"])) if k else 1.0
         out.append(
             {
                 "level": d["level"],
@@ -730,6 +737,8 @@ def evaluate_thresholds(scores, correct, results: Sequence[LevelResult], higher_
                 "exit_rate": k / s.size,
                 "accuracy": acc,
                 "met": acc is None or acc >= d["level"],
+                "p_below": p_below,
+                "held": p_below > alpha,
                 "calib_exit_rate": d.get("exit_rate"),
                 "calib_accuracy": d.get("accuracy"),
             }

@@ -147,12 +147,12 @@ def test_new_documents_promote_iff_held_out_checks_are_met(site):
     rows = {(r["predictor"], r["layer"], r["level"]): r for r in drift["drift"]}
     assert set(rows) == {(p, h, lv) for p in ("entropy", "gate") for h in LAYERS for lv in LEVELS}
     for r in rows.values():
-        for k in ("shift", "exit_rate_change", "accuracy_change", "held_out_met"):
+        for k in ("shift", "exit_rate_change", "accuracy_change", "held_out_met", "held_out_held"):
             assert k in r
         assert r["old_exit_rate"] is not None and r["new_exit_rate"] is not None
     held = json.loads((store.path("calibrate", out["calibration"]) / "calibration.json").read_text())["held_out"]
     assert len(held) == len(rows)
-    all_met = all(r["met"] for r in held)
+    all_met = all(r["held"] for r in held)
     assert out["promoted"] is all_met is drift["promote"]
     assert store.get_pointer("current")["key"] == (out["calibration"] if all_met else keys["calibration"])
     assert ("promoted" in out["reason"]) is all_met
@@ -186,7 +186,7 @@ def test_a_failed_held_out_check_keeps_the_current_calibration(site, monkeypatch
         rows = real(calibration, labels, gate_probs, predictor)
         for r in rows:
             if (r["layer"], r["predictor"], r["level"]) == (2, "entropy", 0.8):
-                r.update(accuracy=0.61, met=False)
+                r.update(accuracy=0.61, met=False, held=False, p_below=1e-6)
         return rows
 
     monkeypatch.setattr(calibrate, "check_held_out", head_2_misses_level_08)  # run_calibrate imports it per call
