@@ -238,7 +238,13 @@ def run_train_heads(cfg: Config, store: ArtifactStore, cache_key: str, eval_key:
 
 
 def _teacher_topk_kwargs(cfg: Config, store: ArtifactStore, cache_key: str) -> dict:
-    return {}
+    """The efficient loss reads the teacher's top-k from its own content-addressed artifact,
+    computed once per cache and shared by every training run on it."""
+    if not cfg.heads.efficient_loss:
+        return {}
+    from flows.stage_teacher import open_stage_teacher_topk, run_teacher_topk
+
+    return {"teacher_topk": open_stage_teacher_topk(store, run_teacher_topk(cfg, store, cache_key))}
 
 
 def _plain(obj) -> dict:

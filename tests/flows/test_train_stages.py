@@ -83,3 +83,18 @@ def test_too_few_calib_tokens_for_the_guarantee(trained):
     strict = cfg.model_copy(update={"calibrate": cfg.calibrate.model_copy(update={"levels": [0.999], "delta": 0.01})})
     with pytest.raises(CalibrationError, match=r"\d{4}"):
         stages.run_calibrate(strict, store, keys["calib"], keys["heads"], keys["gates"], None)
+
+
+def test_efficient_loss_uses_a_shared_teacher_topk_artifact(trained, tiny_model_dir, corpus_dir):
+    _, store, keys = trained
+    cfg = _cfg(tiny_model_dir, corpus_dir, "heads.efficient_loss=true")
+    heads = stages.run_train_heads(cfg, store, keys["train"], keys["eval"], progress=False)
+    assert heads != keys["heads"]
+    topk = [m for m in store.iter_manifests("teacher_topk")]
+    assert len(topk) == 1 and topk[0].inputs == {"cache": keys["train"]} and topk[0].config == {"k": 16}
+    # a second efficient run with another learning rate reuses the same top-k
+    cfg2 = _cfg(tiny_model_dir, corpus_dir, "heads.efficient_loss=true", "heads.lr=0.002")
+    stages.run_train_heads(cfg2, store, keys["train"], None, progress=False)
+    assert len(list(store.iter_manifests("teacher_topk"))) == 1
+    m = store.manifest("train_heads", heads)
+    assert m.metrics["eval"]["3"]["agreement"] > 0
