@@ -135,7 +135,7 @@ def _read_progress(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # e.g. platforms that cannot open directories
@@ -156,7 +156,7 @@ def _write_atomic(target: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _write_progress(path: Path, rows_done: int, num_tokens: int, complete: bool) -> None:
@@ -629,7 +629,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

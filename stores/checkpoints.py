@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from stores.cache import fsync_dir
+
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
@@ -33,20 +35,6 @@ PREVIOUS = "previous.pt"
 
 class CheckpointError(RuntimeError):
     """No readable checkpoint where one should be; the message names the files and the fix."""
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class FileCheckpoints:
@@ -112,4 +100,4 @@ class FileCheckpoints:
             os.replace(tmp, self.last_path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)

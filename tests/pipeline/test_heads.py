@@ -24,14 +24,6 @@ H, V, LAYERS = 16, 50, [2, 3]
 KINDS = ["linear", "adapter"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared 2-core machine an
-    OpenMP barrier waiting for a descheduled thread turns 20 us ops into 10 ms ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_teacher(hidden: int = H, vocab: int = V, bias: bool = False, seed: int = 0) -> TeacherWeights:

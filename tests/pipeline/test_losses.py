@@ -27,13 +27,6 @@ from pipeline.losses import (
 H, V = 16, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops gain nothing from a second thread; on a shared 2-core machine it can cost 1000x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_teacher(hidden: int = H, vocab: int = V, seed: int = 0) -> TeacherWeights:
