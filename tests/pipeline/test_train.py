@@ -33,14 +33,6 @@ from stores.checkpoints import FileCheckpoints
 HIDDEN, VOCAB, LAYERS, NUM_LAYERS = 32, 512, [1, 2, 3], 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: waking a second OpenMP thread costs more than the matmul (on this
-    2-core machine a [256, 32] x [32, 32] linear takes 11 us on one thread, ~500 us on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- sources
