@@ -37,7 +37,7 @@ test-all: setup  ## every test, the slow ones with the real embedded model inclu
 bench-extract: setup  ## extraction throughput vs the bare forward, cache bytes per token
 	$(PY) benchmarks/bench_extract.py
 
-bench-train: setup  ## offline (cache) vs online training throughput and agreement, full vs efficient loss
+bench-train: setup  ## head training offline vs online, full vs efficient loss
 	$(PY) benchmarks/bench_train.py
 
 bench: bench-extract bench-train  ## all benchmarks

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # only for annotations: importing the backbone module pulls i
 
 logger = logging.getLogger(__name__)
 
-TRAIN_CODE_VERSION = "train-2"
+TRAIN_CODE_VERSION = "train-3"
 """Bump when training results change for the same inputs; part of the stages' content keys."""
 
 PROBE_ROWS = 2048

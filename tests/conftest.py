@@ -61,6 +61,12 @@ def build_tiny_model(out: Path, num_layers: int = 4, hidden: int = 64, seed: int
 
 
 @pytest.fixture(scope="session")
+def make_tiny_model():
+    """`build_tiny_model` for tests that need a second, different backbone."""
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 

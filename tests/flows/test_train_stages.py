@@ -63,14 +63,12 @@ def test_same_inputs_are_a_hit_and_a_change_reruns_only_downstream(trained):
     assert stages.plan_train_gates(changed, store, keys["train"], keys["heads"], keys["eval"]).key != keys["gates"]
 
 
-def test_wrong_inputs_are_refused(trained, tmp_path, tiny_model_dir, corpus_dir):
+def test_wrong_inputs_are_refused(trained, tmp_path, tiny_model_dir, corpus_dir, make_tiny_model):
     cfg, store, keys = trained
     with pytest.raises(stages.InputMismatch, match="not in the cache"):
         stages.plan_train_heads(_cfg(tiny_model_dir, corpus_dir, "heads.layers=[2,5]"), store, keys["train"], None)
     # a cache of another backbone named explicitly
-    from conftest import build_tiny_model
-
-    other = build_tiny_model(tmp_path / "other", seed=1)
+    other = make_tiny_model(tmp_path / "other", seed=1)
     other_cfg = _cfg(other, corpus_dir, f"inputs.train_cache={keys['train'][:10]}")
     with pytest.raises(stages.InputMismatch, match="another|extracted from backbone"):
         stages.resolve_cache(other_cfg, store, "train")

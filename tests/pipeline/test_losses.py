@@ -141,6 +141,9 @@ def test_topk_candidates_layout_and_duplicates():
         else:
             assert cols[c.target_pos[i]] == targets[i] and c.valid[i, c.target_pos[i]]
     assert c.target_pos[1] == 3  # inside the top-k: no extra column used
+    # own columns count once, each negative for V / m tokens
+    assert torch.equal(c.log_weight[: k + 1], torch.zeros(k + 1))
+    torch.testing.assert_close(c.log_weight[k + 1 :], torch.full((m,), math.log(vocab / m)))
     again = TopkCandidates.build(ids, logprobs, targets, vocab, m, with_target=True,
                                  generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.negatives, c.negatives) and torch.equal(again.valid, c.valid)
@@ -193,8 +196,9 @@ def test_topk_loss_equals_full_loss_when_k_is_the_vocabulary(kind, loss):
 
 @pytest.mark.parametrize("loss", ["kl", "mix"])
 def test_topk_loss_equals_a_row_by_row_reference(loss):
-    """Each row: teacher = its top-k renormalised, student = softmax over the distinct tokens of
-    {its top-k, the negatives, its target (mix)}; duplicates count once."""
+    """Each row: teacher = its top-k renormalised; student = softmax over the distinct tokens of
+    {its top-k, its target (mix), the negatives}, duplicates counted once, and each negative
+    that is not one of the row's own tokens weighted V / m in the partition function."""
     teacher = make_teacher(vocab=60)
     cfg = HeadsConfig(rank=4, loss=loss, ce_weight=0.3, temperature=2.0)
     head = perturbed_head(teacher, "adapter")
@@ -212,17 +216,17 @@ def test_topk_loss_equals_a_row_by_row_reference(loss):
     student = head(h)  # [n, V] reference logits
     t = cfg.temperature
     kls, ces = [], []
+    log_w = math.log(60 / m)
     for i in range(n):
-        tokens = set(ids[i].tolist()) | set(cand.negatives.tolist())
-        if loss != "kl" and targets[i] >= 0:
-            tokens.add(int(targets[i]))
-        tokens = torch.tensor(sorted(tokens))
-        log_q = F.log_softmax(student[i, tokens] / t, -1)
+        own = set(ids[i].tolist()) | ({int(targets[i])} if loss != "kl" and targets[i] >= 0 else set())
+        tokens = torch.tensor(sorted(own | set(cand.negatives.tolist())))
+        weight = torch.tensor([0.0 if tok in own else log_w for tok in tokens.tolist()])
+        log_q = F.log_softmax(student[i, tokens] / t + weight, -1)
         log_p = F.log_softmax(logprobs[i] / t, -1)  # the top-k, renormalised
         pos = torch.searchsorted(tokens, ids[i])
         kls.append((log_p.exp() * (log_p - log_q[pos])).sum() * t * t)
         if targets[i] >= 0:
-            ces.append(-F.log_softmax(student[i, tokens], -1)[torch.searchsorted(tokens, targets[i])])
+            ces.append(-F.log_softmax(student[i, tokens] + weight, -1)[torch.searchsorted(tokens, targets[i])])
     kl = torch.stack(kls).mean()
     want = kl if loss == "kl" else (1 - cfg.ce_weight) * kl + cfg.ce_weight * torch.stack(ces).mean()
     torch.testing.assert_close(got, want)
