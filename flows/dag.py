@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 
 from flows import stages
-from flows.tasks import calibrate_task, extract_task, task_options, train_gates_task, train_heads_task
+from flows.tasks import (
+    calibrate_task,
+    extract_task,
+    task_options,
+    train_gates_task,
+    train_heads_online_task,
+    train_heads_task,
+)
 from pipeline.config import Config, load_config
 from stores.artifacts import ArtifactStore
 
@@ -49,9 +56,13 @@ def _has_split(ctx: _Ctx, split: str) -> bool:
     return ctx.cfg.data.fractions.get(split, 0) > 0 or bool(getattr(ctx.cfg.inputs, f"{split}_cache"))
 
 
-def _heads(ctx: _Ctx, train_key: str, eval_key: str | None) -> str:
+def _heads(ctx: _Ctx, train_key: str | None, eval_key: str | None) -> str:
     if ctx.cfg.inputs.heads:
         return ctx.store.resolve(ctx.cfg.inputs.heads, "train_heads").key
+    if ctx.cfg.heads.mode == "online":
+        plan, _, _ = stages.plan_train_heads_online(ctx.cfg, ctx.store, eval_key)
+        return train_heads_online_task.with_options(**task_options(ctx.store, "train_heads", plan.key))(
+            key=plan.key, config=ctx.cfg_json, root=ctx.root, eval_key=eval_key)
     plan = stages.plan_train_heads(ctx.cfg, ctx.store, train_key, eval_key)
     return train_heads_task.with_options(**task_options(ctx.store, "train_heads", plan.key))(
         key=plan.key, config=ctx.cfg_json, root=ctx.root, cache_key=train_key, eval_key=eval_key)
@@ -83,10 +94,11 @@ def extract_flow(config_path: str | None = None, overrides: list[str] | None = N
 @flow(name="train_heads", log_prints=True)
 def train_heads_flow(config_path: str | None = None, overrides: list[str] | None = None,
                      root: str | None = None) -> dict[str, str]:
-    """Train early-exit heads from the train cache (extracted first if missing) and evaluate
-    them against the logit lens on the eval cache."""
+    """Train early-exit heads from the train cache (extracted first if missing), or with the
+    backbone running every step (``heads.mode: online``), and evaluate them against the logit
+    lens on the eval cache."""
     ctx = _setup(config_path, overrides, root)
-    train = _extract(ctx, "train")
+    train = _extract(ctx, "train") if ctx.cfg.heads.mode == "offline" else None  # online: no train cache
     ev = _extract(ctx, "eval") if _has_split(ctx, "eval") else None
     return {"train_cache": train, "eval_cache": ev, "heads": _heads(ctx, train, ev)}
 

@@ -198,9 +198,7 @@ def run_train_heads(cfg: Config, store: ArtifactStore, cache_key: str, eval_key:
                     progress: bool = True) -> str:
     """Train one head per exit layer from the cache; evaluate them and the logit lens on the
     eval cache. Resumes from the last epoch checkpoint of an interrupted run."""
-    from pipeline.train import evaluate_heads, logit_lens, train_heads
-    from pipeline.heads import load_heads
-    from stores.cache import save_tensors
+    from pipeline.train import train_heads
     from stores.checkpoints import FileCheckpoints
 
     plan = plan_train_heads(cfg, store, cache_key, eval_key)
@@ -208,11 +206,61 @@ def run_train_heads(cfg: Config, store: ArtifactStore, cache_key: str, eval_key:
         return plan.key
     reader, teacher = _open_cache(store, cache_key)
     layers = plan.config["layers"]
-    num_layers = int(reader.attrs["num_layers"])
     staging = store.staging("train_heads", plan.key)
-    result = train_heads(cfg.heads, layers, num_layers, teacher, reader,
+    result = train_heads(cfg.heads, layers, int(reader.attrs["num_layers"]), teacher, reader,
                          checkpoints=FileCheckpoints(staging / "checkpoints"), progress=progress,
                          **_teacher_topk_kwargs(cfg, store, cache_key))
+    _publish_heads(cfg, store, plan, result, teacher, eval_key, model=reader.attrs["model"],
+                   num_layers=int(reader.attrs["num_layers"]), hidden_size=reader.hidden_size)
+    return plan.key
+
+
+def plan_train_heads_online(cfg: Config, store: ArtifactStore, eval_key: str | None):
+    """Online heads are keyed on what a train cache would have been keyed on (the data, the
+    backbone, the layers), without writing that cache."""
+    from pipeline.train import TRAIN_CODE_VERSION
+
+    data_plan, _, packed = plan_extract(cfg, store, "train")
+    stage_cfg = {**_heads_config_for_key(cfg), "layers": sorted(cfg.heads.layers or cfg.extract.layers)}
+    inputs = {"data": data_plan.key, **({"eval_cache": eval_key} if eval_key else {})}
+    key = content_key("train_heads", TRAIN_CODE_VERSION, stage_cfg, inputs)
+    return Plan("train_heads", key, stage_cfg, inputs, TRAIN_CODE_VERSION), data_plan, packed
+
+
+def run_train_heads_online(cfg: Config, store: ArtifactStore, eval_key: str | None = None, progress: bool = True) -> str:
+    """The same heads, trained with the backbone running every step (no train cache)."""
+    from pipeline.backbone import load_backbone
+    from pipeline.heads import TeacherWeights
+    from pipeline.train import OnlineSource, train_heads
+    from stores.checkpoints import FileCheckpoints
+
+    plan, data_plan, packed = plan_train_heads_online(cfg, store, eval_key)
+    if store.exists("train_heads", plan.key):
+        return plan.key
+    backbone = load_backbone(cfg.model, store.file_hasher())
+    layers = plan.config["layers"]
+    backbone.check_layers(layers)
+    backbone.check_seq_len(cfg.data.seq_len)
+    teacher = TeacherWeights.from_dict(backbone.teacher_weights(), norm_eps=backbone.final_norm_eps)
+    max_seq = cfg.extract.max_tokens // cfg.data.seq_len if cfg.extract.max_tokens else None
+    source = OnlineSource(backbone, packed, layers, sequences_per_forward=cfg.extract.batch_size, max_sequences=max_seq)
+    staging = store.staging("train_heads", plan.key)
+    result = train_heads(cfg.heads, layers, backbone.num_layers, teacher, source,
+                         checkpoints=FileCheckpoints(staging / "checkpoints"), progress=progress, device=backbone.device)
+    _publish_heads(cfg, store, plan, result, teacher, eval_key, model=data_plan.config["model"],
+                   num_layers=backbone.num_layers, hidden_size=backbone.hidden_size)
+    return plan.key
+
+
+def _publish_heads(cfg: Config, store: ArtifactStore, plan: Plan, result, teacher, eval_key: str | None, *,
+                   model: dict, num_layers: int, hidden_size: int) -> None:
+    """Save trained heads, evaluate them and the logit lens on the eval cache, publish."""
+    from pipeline.heads import load_heads
+    from pipeline.train import evaluate_heads, logit_lens
+    from stores.cache import save_tensors
+
+    staging = store.staging("train_heads", plan.key)
+    layers = plan.config["layers"]
     save_tensors(staging / "heads.safetensors", result.state)
     metrics = {
         "steps": result.steps, "tokens_per_s": round(result.tokens_per_s, 1),
@@ -233,8 +281,7 @@ def run_train_heads(cfg: Config, store: ArtifactStore, cache_key: str, eval_key:
     shutil_rmtree(staging / "checkpoints")
     store.publish(Manifest(stage="train_heads", key=plan.key, config=plan.config, inputs=plan.inputs,
                            code_version=plan.code_version, metrics=metrics,
-                           extra={"num_layers": num_layers, "hidden_size": reader.hidden_size}))
-    return plan.key
+                           extra={"num_layers": num_layers, "hidden_size": hidden_size, "model": model}))
 
 
 def _teacher_topk_kwargs(cfg: Config, store: ArtifactStore, cache_key: str) -> dict:
@@ -304,9 +351,9 @@ def run_train_gates(cfg: Config, store: ArtifactStore, cache_key: str, heads_key
         return plan.key
     reader, teacher = _open_cache(store, cache_key)
     heads, heads_m = _load_heads(store, heads_key, teacher)
-    if heads_m.inputs["cache"] != cache_key:
+    if heads_m.inputs.get("cache", cache_key) != cache_key:
         log.warning("heads %s were trained on cache %s, gates train on %s", heads_key[:12],
-                    heads_m.inputs["cache"][:12], cache_key[:12])
+                    heads_m.inputs.get("cache", "")[:12], cache_key[:12])
     layers = heads_m.config["layers"]
     num_layers = int(reader.attrs["num_layers"])
     staging = store.staging("train_gates", plan.key)
@@ -386,10 +433,10 @@ def run_calibrate(cfg: Config, store: ArtifactStore, calib_key: str, heads_key: 
         return plan.key
     heads_m = store.manifest("train_heads", heads_key)
     calib_m = store.manifest("extract", calib_key)
-    heads_cache_m = store.manifest("extract", heads_m.inputs["cache"])
-    if calib_m.config["model"] != heads_cache_m.config["model"] or calib_m.config["layers"] != heads_cache_m.config["layers"]:
-        raise InputMismatch(f"heads {heads_key[:12]} come from cache {heads_cache_m.key[:12]} of another backbone or "
-                            f"layer set than calib cache {calib_key[:12]}; calibrate heads on a cache of the same backbone")
+    missing = [x for x in heads_m.config["layers"] if x not in calib_m.config["layers"]]
+    if calib_m.config["model"] != heads_m.extra.get("model") or missing:
+        raise InputMismatch(f"heads {heads_key[:12]} were trained on another backbone or on layers {missing} that calib "
+                            f"cache {calib_key[:12]} lacks; calibrate heads on a cache of the same backbone and layers")
     labels, probs, heads_m, num_layers = score_split(store, calib_key, heads_key, gates_key)
     calibration = calibrate_exits(labels, probs, heads_m.config["layers"], num_layers, cfg.calibrate)
     metrics: dict = {"n": calibration["n"]}

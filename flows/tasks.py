@@ -67,3 +67,9 @@ def _checked(planned: str, produced: str) -> str:
     if produced != planned:
         raise RuntimeError(f"stage produced key {produced}, planned {planned}: inputs changed during the run; run again")
     return produced
+
+
+@task(name="train_heads_online", cache_policy=CONTENT_KEY, persist_result=True,
+      task_run_name="train_heads_online-{key:.12}")
+def train_heads_online_task(key: str, config: dict, root: str, eval_key: str | None) -> str:
+    return _checked(key, stages.run_train_heads_online(Config.model_validate(config), ArtifactStore(root), eval_key))

@@ -100,7 +100,10 @@ class ExtractConfig(_Section):
 
 class HeadsConfig(_Section):
     layers: list[int] | None = None
-    """Exit layers to train heads for; default: every layer in the cache."""
+    """Exit layers to train heads for; default: every layer in the cache (online: extract.layers)."""
+    mode: Literal["offline", "online"] = "offline"
+    """`offline`: train from the hidden-state cache. `online`: run the backbone every step
+    instead (no train cache on disk; every epoch pays a full backbone pass)."""
     kind: Literal["linear", "adapter"] = "adapter"
     """`linear`: norm + full-vocabulary projection initialised from the LM head.
     `adapter`: norm + low-rank residual map into the frozen, shared LM head."""

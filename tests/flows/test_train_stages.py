@@ -96,3 +96,18 @@ def test_efficient_loss_uses_a_shared_teacher_topk_artifact(trained, tiny_model_
     assert len(list(store.iter_manifests("teacher_topk"))) == 1
     m = store.manifest("train_heads", heads)
     assert m.metrics["eval"]["3"]["agreement"] > 0
+
+
+def test_online_heads_need_no_train_cache_and_match_offline_quality(trained, tiny_model_dir, corpus_dir):
+    _, store, keys = trained
+    cfg = _cfg(tiny_model_dir, corpus_dir, "heads.mode=online")
+    key = stages.run_train_heads_online(cfg, store, keys["eval"], progress=False)
+    m = store.manifest("train_heads", key)
+    assert "cache" not in m.inputs and m.inputs["eval_cache"] == keys["eval"]
+    assert key == stages.run_train_heads_online(cfg, store, keys["eval"], progress=False)  # a hit
+    offline = store.manifest("train_heads", keys["heads"]).metrics["eval"]
+    for layer in ("1", "2", "3"):
+        assert abs(m.metrics["eval"][layer]["agreement"] - offline[layer]["agreement"]) < 0.05
+    # online heads calibrate like offline ones
+    cal = stages.run_calibrate(cfg, store, keys["calib"], key, None, keys["eval"])
+    assert store.exists("calibrate", cal)
