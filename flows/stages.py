@@ -434,7 +434,8 @@ def run_calibrate(cfg: Config, store: ArtifactStore, calib_key: str, heads_key: 
     heads_m = store.manifest("train_heads", heads_key)
     calib_m = store.manifest("extract", calib_key)
     missing = [x for x in heads_m.config["layers"] if x not in calib_m.config["layers"]]
-    if calib_m.config["model"] != heads_m.extra.get("model") or missing:
+    heads_model = heads_m.extra.get("model") or store.manifest("extract", heads_m.inputs["cache"]).config["model"]
+    if calib_m.config["model"] != heads_model or missing:
         raise InputMismatch(f"heads {heads_key[:12]} were trained on another backbone or on layers {missing} that calib "
                             f"cache {calib_key[:12]} lacks; calibrate heads on a cache of the same backbone and layers")
     labels, probs, heads_m, num_layers = score_split(store, calib_key, heads_key, gates_key)
