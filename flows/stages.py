@@ -7,6 +7,7 @@ Planning is cheap on purpose (no backbone load): a cache hit must answer in seco
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,16 +181,12 @@ def _head_layers(cfg: Config, reader) -> list[int]:
     return sorted(layers)
 
 
-def _heads_config_for_key(cfg: Config) -> dict:
-    return canonical(cfg.heads)
-
-
 # -- train_heads -------------------------------------------------------------------------------
 def plan_train_heads(cfg: Config, store: ArtifactStore, cache_key: str, eval_key: str | None) -> Plan:
     from pipeline.train import TRAIN_CODE_VERSION
 
     reader, _ = _open_cache(store, cache_key)
-    stage_cfg = {**_heads_config_for_key(cfg), "layers": _head_layers(cfg, reader)}
+    stage_cfg = {**canonical(cfg.heads), "layers": _head_layers(cfg, reader)}
     inputs = {"cache": cache_key, **({"eval_cache": eval_key} if eval_key else {})}
     return Plan("train_heads", content_key("train_heads", TRAIN_CODE_VERSION, stage_cfg, inputs), stage_cfg, inputs, TRAIN_CODE_VERSION)
 
@@ -221,7 +218,7 @@ def plan_train_heads_online(cfg: Config, store: ArtifactStore, eval_key: str | N
     from pipeline.train import TRAIN_CODE_VERSION
 
     data_plan, _, packed = plan_extract(cfg, store, "train")
-    stage_cfg = {**_heads_config_for_key(cfg), "layers": sorted(cfg.heads.layers or cfg.extract.layers)}
+    stage_cfg = {**canonical(cfg.heads), "layers": sorted(cfg.heads.layers or cfg.extract.layers)}
     inputs = {"data": data_plan.key, **({"eval_cache": eval_key} if eval_key else {})}
     key = content_key("train_heads", TRAIN_CODE_VERSION, stage_cfg, inputs)
     return Plan("train_heads", key, stage_cfg, inputs, TRAIN_CODE_VERSION), data_plan, packed
@@ -278,7 +275,7 @@ def _publish_heads(cfg: Config, store: ArtifactStore, plan: Plan, result, teache
             log.info("layer %d: agreement %.3f (logit lens %.3f), accuracy %.3f, entropy AUROC %.3f",
                      layer, trained[layer].agreement, lens[layer].agreement, trained[layer].accuracy,
                      trained[layer].entropy_auroc)
-    shutil_rmtree(staging / "checkpoints")
+    shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # the published weights supersede them
     store.publish(Manifest(stage="train_heads", key=plan.key, config=plan.config, inputs=plan.inputs,
                            code_version=plan.code_version, metrics=metrics,
                            extra={"num_layers": num_layers, "hidden_size": hidden_size, "model": model}))
@@ -308,12 +305,6 @@ def _plain(obj) -> dict:
         return x
 
     return clean(asdict(obj) if is_dataclass(obj) else obj)
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- train_gates -------------------------------------------------------------------------------
@@ -380,7 +371,7 @@ def run_train_gates(cfg: Config, store: ArtifactStore, cache_key: str, heads_key
             log.info("gate %d: eval AUROC %.3f vs entropy %.3f", layer, ev[str(layer)]["gate_auroc"] or float("nan"),
                      ev[str(layer)]["entropy_auroc"] or float("nan"))
         metrics["eval"] = ev
-    shutil_rmtree(staging / "checkpoints")
+    shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # the published weights supersede them
     store.publish(Manifest(stage="train_gates", key=plan.key, config=plan.config, inputs=plan.inputs,
                            code_version=plan.code_version, metrics=metrics, extra={"layers": layers}))
     return plan.key

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 EMBEDDED_MODEL = "embedded:smollm2"
 EMBEDDED_CORPUS = "embedded:pydoc"
@@ -212,10 +212,6 @@ class Config(_Section):
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
-
-    @model_validator(mode="after")
-    def _check_cross(self) -> "Config":
-        return self
 
 
 def _format_errors(err: ValidationError) -> str:

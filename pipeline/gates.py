@@ -13,6 +13,7 @@ import logging
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,11 +63,9 @@ def build_gates(cfg: GatesConfig, layers: Sequence[int], hidden_size: int) -> nn
 
 @torch.no_grad()
 def gate_exit_probabilities(gates: nn.ModuleDict, source, *, max_tokens: int | None = None,
-                            batch_rows: int = 4096) -> dict[int, "np.ndarray"]:
+                            batch_rows: int = 4096) -> dict[int, np.ndarray]:
     """Each gate's p_exit for the source's rows in order (the first `max_tokens`): the same
     rows, in the same order, as `pipeline.train.collect_exit_labels` reads."""
-    import numpy as np
-
     layers = [int(k) for k in gates.keys()]
     device = next(gates.parameters()).device
     out: dict[int, list] = {layer: [] for layer in layers}

@@ -171,11 +171,6 @@ class ArtifactStore:
             raise StoreError(f"key prefix {key_prefix!r} is ambiguous ({len(hits)} artifacts); give more characters")
         return hits[0]
 
-    def latest(self, stage: str, **match: Any) -> Manifest | None:
-        """The newest artifact of a stage whose manifest config/extra match the given items."""
-        found = [m for m in self.iter_manifests(stage) if all(_lookup(m, k) == v for k, v in match.items())]
-        return max(found, key=lambda m: m.created) if found else None
-
     def size(self, stage: str, key: str) -> int:
         return sum(f.stat().st_size for f in self.path(stage, key).rglob("*") if f.is_file())
 
@@ -206,15 +201,6 @@ class ArtifactStore:
             return memo[ident]
 
         return hasher
-
-
-def _lookup(m: Manifest, dotted: str) -> Any:
-    node: Any = m.to_dict()
-    for part in dotted.split("__"):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _describe_files(folder: Path) -> dict[str, dict]:
