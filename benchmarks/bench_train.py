@@ -12,7 +12,10 @@ loses <= 1 point of top-1 agreement against the full loss.
 Caches are built with `flows.stages.run_extract` under --root (gitignored) and reused by later
 runs; the teacher top-k is recomputed every run, because its cost is one of the results.
 
-    python benchmarks/bench_train.py [--train-tokens 16384] [--eval-tokens 4096] [--steps 16]
+A fifth run, offline with the efficient loss but uniform negatives (`--uniform-negatives`
+draws, distinct), shows what the frequency proposal of the negatives buys.
+
+    python benchmarks/bench_train.py [--train-tokens 49152] [--eval-tokens 4096] [--steps 48]
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _caches(args) -> tuple:
     """(train config, store, train key, eval key): extracted once under --root, then cache hits."""
     heads = [f"heads.batch_tokens={args.batch}", "heads.epochs=1", f"heads.max_steps={args.steps}",
              f"heads.lr={args.lr}", f"heads.warmup_steps={args.warmup}", f"heads.negatives={args.negatives}",
-             f"heads.topk={args.topk}"]
+             f"heads.topk={args.topk}", "heads.negative_proposal=frequency"]
     cfg = load_config(args.config, [f"extract.max_tokens={args.train_tokens}", *heads])
     eval_cfg = load_config(args.config, [f"extract.max_tokens={args.eval_tokens}"])
     store = ArtifactStore(args.root)
@@ -71,14 +74,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs/default.yaml"))
     ap.add_argument("--root", default=str(ROOT / "benchmarks/.exitflow"), help="artifact root for the caches")
-    ap.add_argument("--train-tokens", type=int, default=16384)
+    ap.add_argument("--train-tokens", type=int, default=49152, help="train cache size; steps x batch = one epoch")
     ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=16, help="optimizer steps of every run")
+    ap.add_argument("--steps", type=int, default=48, help="optimizer steps of every run")
     ap.add_argument("--batch", type=int, default=1024, help="tokens per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--negatives", type=int, default=256)
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--negatives", type=int, default=2048, help="negative draws per step (frequency proposal)")
+    ap.add_argument("--uniform-negatives", type=int, default=256, help="distinct uniform negatives of the ablation run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -109,24 +113,31 @@ def main() -> None:
 
         runs = {}
         lens = _agreement(evaluate_heads(logit_lens(teacher, layers), teacher, eval_reader, max_tokens=args.eval_tokens))
-        # alternate offline and online so that machine noise hits both
-        for loss in ("efficient", "full"):
-            hcfg = cfg.heads.model_copy(update={"efficient_loss": loss == "efficient"})
-            for mode, source in (("offline", reader), ("online", online)):
-                kwargs = {"teacher_topk": topk} if (mode, loss) == ("offline", "efficient") else {}
-                t0 = time.perf_counter()
-                result = train_heads(hcfg, layers, num_layers, teacher, source, progress=False, **kwargs)
-                wall = time.perf_counter() - t0
-                heads = load_heads(hcfg, layers, teacher, result.state)
-                ev = evaluate_heads(heads, teacher, eval_reader, max_tokens=args.eval_tokens)
-                runs[f"{mode}_{loss}"] = {
-                    "tokens_per_s": round(result.tokens_per_s, 1), "steps": result.steps,
-                    "train_seconds": round(sum(e.seconds for e in result.epochs), 2),
-                    "call_seconds": round(wall, 2), "final_loss": round(result.epochs[-1].loss, 4),
-                    "agreement": _agreement(ev),
-                }
-                logging.info("%s %s: %.0f tokens/s, eval agreement %s", mode, loss, result.tokens_per_s,
-                             runs[f"{mode}_{loss}"]["agreement"])
+        # (run name, source, heads config overrides); offline and online alternate so that
+        # machine noise hits both
+        plan = [
+            ("offline_efficient", reader, {"efficient_loss": True}),
+            ("online_efficient", online, {"efficient_loss": True}),
+            ("offline_full", reader, {"efficient_loss": False}),
+            ("online_full", online, {"efficient_loss": False}),
+            ("offline_efficient_uniform", reader, {"efficient_loss": True, "negative_proposal": "uniform",
+                                                   "negatives": args.uniform_negatives}),
+        ]
+        for name, source, update in plan:
+            hcfg = cfg.heads.model_copy(update=update)
+            kwargs = {"teacher_topk": topk} if source is reader and hcfg.efficient_loss else {}
+            t0 = time.perf_counter()
+            result = train_heads(hcfg, layers, num_layers, teacher, source, progress=False, **kwargs)
+            wall = time.perf_counter() - t0
+            heads = load_heads(hcfg, layers, teacher, result.state)
+            ev = evaluate_heads(heads, teacher, eval_reader, max_tokens=args.eval_tokens)
+            runs[name] = {
+                "tokens_per_s": round(result.tokens_per_s, 1), "steps": result.steps,
+                "train_seconds": round(sum(e.seconds for e in result.epochs), 2),
+                "call_seconds": round(wall, 2), "final_loss": round(result.epochs[-1].loss, 4),
+                "agreement": _agreement(ev),
+            }
+            logging.info("%s: %.0f tokens/s, eval agreement %s", name, result.tokens_per_s, runs[name]["agreement"])
 
     topk_tps = reader.num_tokens / topk_seconds
     ratio = {loss: round(runs[f"offline_{loss}"]["tokens_per_s"] / runs[f"online_{loss}"]["tokens_per_s"], 2)
@@ -136,13 +147,16 @@ def main() -> None:
     amortised = {str(e): round((e / on_eff) / (e / off_eff + 1 / topk_tps), 2) for e in (1, 2, 5, 10)}
     agreement_loss = {mode: round(runs[f"{mode}_full"]["agreement"]["mean"] - runs[f"{mode}_efficient"]["agreement"]["mean"], 4)
                       for mode in ("offline", "online")}
+    uniform_loss = round(runs["offline_full"]["agreement"]["mean"] - runs["offline_efficient_uniform"]["agreement"]["mean"], 4)
     result = {
         "benchmark": "train",
         "model": cfg.model.source, "device": str(backbone.device), "threads": torch.get_num_threads(),
         "machine": platform.machine(), "layers": layers, "head_kind": cfg.heads.kind, "rank": cfg.heads.rank,
         "train_tokens": reader.num_tokens, "eval_tokens": min(args.eval_tokens, eval_reader.num_tokens),
         "steps": args.steps, "batch_tokens": args.batch, "tokens_trained": tokens, "lr": args.lr,
-        "topk": args.topk, "negatives": args.negatives, "loss": cfg.heads.loss,
+        "topk": args.topk, "negatives": args.negatives, "negative_proposal": cfg.heads.negative_proposal,
+        "proposal_power": cfg.heads.proposal_power, "uniform_negatives": args.uniform_negatives,
+        "loss": cfg.heads.loss,
         "runs": runs,
         "logit_lens_agreement": lens,
         "offline_over_online": ratio,
@@ -150,6 +164,7 @@ def main() -> None:
                          "mean_teacher_mass_in_topk": round(topk_mass, 4)},
         "efficient_offline_over_online_amortised_over_epochs": amortised,
         "agreement_lost_by_efficient_loss": agreement_loss,
+        "agreement_lost_with_uniform_negatives": uniform_loss,
         "target_offline_over_online": TARGET_RATIO, "target_agreement_loss": TARGET_AGREEMENT_LOSS,
         "bench_seconds": round(time.perf_counter() - wall0, 1),
     }
@@ -170,17 +185,20 @@ def main() -> None:
         f"{cfg.model.source} on {result['device']} ({result['threads']} threads); {len(layers)} {cfg.heads.kind} heads "
         f"(rank {cfg.heads.rank}) at layers {layers}; {args.steps} steps x {args.batch} tokens from a "
         f"{reader.num_tokens}-token train cache, lr {args.lr:g}, loss `{cfg.heads.loss}`; efficient = per-row "
-        f"teacher top-{args.topk} + {args.negatives} shared negatives. Agreement = top-1 agreement with the final "
+        f"teacher top-{args.topk} + {args.negatives} shared negative draws from the frequency proposal (power "
+        f"{cfg.heads.proposal_power:g}); `uniform` = {args.uniform_negatives} uniform negatives instead. Agreement = top-1 agreement with the final "
         f"layer on {result['eval_tokens']} eval tokens. One run each, offline and online alternating.", "",
         f"| run | train tokens/s | agreement {' / '.join(map(str, layers))} | mean |",
         "| --- | --- | --- | --- |",
         row("offline_efficient"), row("online_efficient"), row("offline_full"), row("online_full"),
+        row("offline_efficient_uniform"),
         f"| logit lens (untrained) | | {lens_per} | {lens['mean']:.3f} |", "",
         "| measure | value | target |", "| --- | --- | --- |",
         f"| offline / online, efficient loss | {ratio['efficient']:.2f}x | >= {TARGET_RATIO:g}x |",
         f"| offline / online, full loss | {ratio['full']:.2f}x | |",
         f"| agreement lost by the efficient loss (offline; online) | {agreement_loss['offline'] * 100:+.2f}; "
         f"{agreement_loss['online'] * 100:+.2f} points | <= {TARGET_AGREEMENT_LOSS * 100:g} point |",
+        f"| agreement lost with uniform negatives instead (offline) | {uniform_loss * 100:+.2f} points | |",
         f"| teacher top-{args.topk} precompute (once per cache) | {topk_tps:,.0f} tokens/s "
         f"({topk_seconds:.1f} s; {topk_mass:.1%} of the teacher's mass in the top-{args.topk}) | |",
         f"| offline / online, efficient, precompute amortised over 1 / 2 / 5 / 10 epochs | "

@@ -119,10 +119,19 @@ class HeadsConfig(_Section):
     """`proportional`: weight head i by (i+1)/L across heads."""
     efficient_loss: bool = False
     """Score only the teacher's top-k plus sampled negatives instead of the full vocabulary."""
-    topk: int = Field(64, gt=0)
-    """Teacher candidates kept by the efficient loss."""
-    negatives: int = Field(1024, ge=0)
-    """Sampled negative tokens per batch for the efficient loss."""
+    topk: int = Field(16, gt=0)
+    """Teacher candidates kept per row by the efficient loss (its top-k by probability)."""
+    negatives: int = Field(2048, ge=0)
+    """Negative draws per batch for the efficient loss, shared by its rows (with the
+    `frequency` proposal, drawn with replacement: ~1,600 distinct ids from 2,048 draws on
+    SmolLM2)."""
+    negative_proposal: Literal["frequency", "uniform"] = "frequency"
+    """Where negatives are drawn from: `frequency`, in proportion to the teacher's probability
+    mass per token (flattened by `proposal_power`, a quarter spread evenly), estimated once
+    from the teacher's top-k of a sample of rows; `uniform`, every token alike."""
+    proposal_power: float = Field(0.5, ge=0, le=1)
+    """Exponent on the token mass in the `frequency` proposal: 1 follows the teacher's
+    marginal, 0 is uniform."""
     epochs: int = Field(2, gt=0)
     batch_tokens: int = Field(1024, gt=0)
     """Tokens per optimizer step."""

@@ -38,7 +38,15 @@ from tqdm.auto import tqdm
 from pipeline.config import GatesConfig, HeadsConfig
 from pipeline.gates import build_gates, gate_loss
 from pipeline.heads import TeacherWeights, build_heads, heads_state_dict
-from pipeline.losses import IGNORE_INDEX, TopkCandidates, head_entropy, head_loss, layer_weights, topk_distill_loss
+from pipeline.losses import (
+    IGNORE_INDEX,
+    TopkCandidates,
+    head_entropy,
+    head_loss,
+    layer_weights,
+    negative_proposal,
+    topk_distill_loss,
+)
 from pipeline.teacher import TeacherTopK, topk_of_batch
 
 if TYPE_CHECKING:  # only for annotations: importing the backbone module pulls in transformers
@@ -47,11 +55,15 @@ if TYPE_CHECKING:  # only for annotations: importing the backbone module pulls i
 
 logger = logging.getLogger(__name__)
 
-TRAIN_CODE_VERSION = "train-3"
+TRAIN_CODE_VERSION = "train-4"
 """Bump when training results change for the same inputs; part of the stages' content keys."""
 
 PROBE_ROWS = 2048
 """Rows of the per-epoch probe of `train_heads` (the first rows of the source, read in order)."""
+
+PROPOSAL_ROWS = 65536
+"""Rows, evenly spaced over a precomputed teacher top-k, whose teacher mass sets the
+negative proposal of the efficient loss (reading them all would cost a pass over the store)."""
 
 SCORE_BLOCK_ROWS = 256
 """Rows scored at once with full-vocabulary logits: bounds memory at a few [256, V] float32
@@ -758,6 +770,21 @@ def _read_probe(source: BatchSource, names: list[str], rows: int) -> dict[str, n
         batches.close()
 
 
+def _token_mass(cfg: HeadsConfig, teacher: TeacherWeights, stored: TeacherTopK | None, probe: dict[str, np.ndarray],
+                device: torch.device) -> torch.Tensor:
+    """[V] teacher probability summed per token over a sample of rows, from their top-k: up
+    to `PROPOSAL_ROWS` evenly spaced rows of the stored top-k, else the probe's final states.
+    A fixed sample (not a running count), so a resumed run draws from the same proposal."""
+    if stored is not None:
+        rows = np.unique(np.linspace(0, stored.num_tokens - 1, min(stored.num_tokens, PROPOSAL_ROWS)).astype(np.int64))
+        ids, logprobs = stored.rows(rows)  # [r, k_stored] x2
+        ids, logprobs = _tensor(ids.astype(np.int64), device), _tensor(logprobs, device)
+    else:
+        ids, logprobs = topk_of_batch(teacher, _tensor(probe["final"], device), cfg.topk)  # [p, k] x2
+    mass = torch.zeros(teacher.vocab_size, dtype=torch.float64, device=device)  # [V]
+    return mass.index_add_(0, ids.reshape(-1), logprobs.reshape(-1).double().exp())
+
+
 def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teacher: TeacherWeights,
                 source: BatchSource, *, checkpoints: CheckpointIO | None = None, progress: bool = True,
                 device: str | torch.device = "cpu", teacher_topk: TeacherTopK | None = None) -> HeadsResult:
@@ -770,7 +797,9 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
     Full loss: the teacher's logits are computed once per batch from the cached final state
     and shared by every head; each head builds [n, V] logits.
     `cfg.efficient_loss`: each row is scored on its teacher top-k (`cfg.topk`) plus
-    `cfg.negatives` shared random ids (`topk_distill_loss`); no [n, V] tensor for the heads.
+    `cfg.negatives` shared sampled ids (`topk_distill_loss`; drawn from `negative_proposal`
+    over the teacher mass of a fixed sample of rows, or uniformly); no [n, V] tensor for the
+    heads.
     The teacher's top-k comes from `teacher_topk` (precomputed once per cache, read by the
     source's ``row``: the teacher's full logits are then never computed, not even for the
     probe) or, without it, from the batch's final states (`topk_of_batch`: online training,
@@ -800,6 +829,9 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         probe = _read_probe(source, names, PROBE_ROWS)
         probe_top1 = None if stored is None else stored.rows(probe["row"], 1)[0][:, 0]  # [p] teacher top-1
+        proposal = None
+        if cfg.efficient_loss and cfg.negative_proposal == "frequency":
+            proposal = negative_proposal(_token_mass(cfg, teacher_d, stored, probe, device), cfg.proposal_power)  # [V]
 
         def candidates(batch: dict[str, np.ndarray], targets: torch.Tensor) -> TopkCandidates:
             if stored is not None:
@@ -808,7 +840,7 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
             else:
                 ids, logprobs = topk_of_batch(teacher_d, _tensor(batch["final"], device), cfg.topk)  # [n, k] x2
             return TopkCandidates.build(ids, logprobs, targets, teacher.vocab_size, cfg.negatives,
-                                        with_target=cfg.loss != "kl", generator=generator)
+                                        with_target=cfg.loss != "kl", generator=generator, proposal=proposal)
 
         def step(batch: dict[str, np.ndarray]) -> _StepOut:
             targets = _tensor(batch["targets"].astype(np.int64), device)  # [n]

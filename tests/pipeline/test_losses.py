@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from pipeline.config import HeadsConfig
 from pipeline.heads import AdapterHead, TeacherWeights, build_heads
 from pipeline.losses import (
+    PROPOSAL_UNIFORM_SHARE,
     TopkCandidates,
     cross_entropy,
     head_entropy,
     head_loss,
     kl_distill,
     layer_weights,
+    negative_proposal,
     topk_agreement,
     topk_distill_loss,
 )
@@ -153,6 +155,46 @@ def test_topk_candidates_layout_and_duplicates():
     for i in range(n):  # without a target column, a negative equal to the target stays a candidate
         kept = torch.cat([kl_only.row_ids[i], kl_only.negatives])[kl_only.valid[i]].tolist()
         assert len(kept) == len(set(kept)) and set(kept) == set(ids[i].tolist()) | set(kl_only.negatives.tolist())
+
+
+def test_negative_proposal_follows_the_mass_with_a_uniform_floor():
+    mass = torch.tensor([0.0, 1.0, 4.0, 16.0, 0.0, 0.0, 0.0, 0.0])
+    q = negative_proposal(mass, power=0.5)
+    u = PROPOSAL_UNIFORM_SHARE
+    want = (1 - u) * torch.tensor([0, 1, 2, 4, 0, 0, 0, 0.0]) / 7 + u / 8
+    torch.testing.assert_close(q, want)
+    assert q.sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(negative_proposal(mass, power=0.0), torch.full((8,), 1 / 8))  # power 0: uniform
+    torch.testing.assert_close(negative_proposal(torch.zeros(8)), torch.full((8,), 1 / 8))  # no mass: uniform
+    with pytest.raises(ValueError, match="not finite"):
+        negative_proposal(torch.tensor([1.0, float("nan")]))
+
+
+def test_proposal_negatives_are_distinct_and_their_weights_make_an_unbiased_sum():
+    """Draws with replacement, kept once: each token is in with probability pi = 1 - (1 - Q)^d
+    and weighs 1 / pi, so sum over the drawn of x / pi estimates sum(x) without bias (the
+    partition function), and the empirical inclusion rate matches pi."""
+    vocab, d, trials = 40, 12, 4000
+    mass = torch.arange(vocab, dtype=torch.float) ** 2
+    q = negative_proposal(mass)
+    x = torch.rand(vocab) + 0.5  # stands for exp(student logit)
+    ids, lp = teacher_topk(torch.randn(3, vocab), 2)
+    gen = torch.Generator().manual_seed(0)
+    estimates, counts = [], torch.zeros(vocab)
+    for _ in range(trials):
+        c = TopkCandidates.build(ids, lp, torch.zeros(3, dtype=torch.long), vocab, d, with_target=False,
+                                 generator=gen, proposal=q)
+        neg = c.negatives
+        assert len(set(neg.tolist())) == neg.numel() <= d
+        w = c.log_weight[2:].exp()  # [m] 1 / pi
+        estimates.append(float((x[neg] * w).sum()))
+        counts[neg] += 1
+    pi = 1 - (1 - q.double()) ** d
+    torch.testing.assert_close(1 / w.double(), pi[neg], rtol=1e-5, atol=0)
+    est = torch.tensor(estimates, dtype=torch.float64)
+    assert abs(est.mean().item() - x.sum().item()) < 4 * est.std().item() / trials ** 0.5
+    rate = counts.double() / trials
+    assert (rate - pi).abs().max().item() < 4 * (0.25 / trials) ** 0.5
 
 
 def test_topk_candidates_reject_misaligned_inputs():

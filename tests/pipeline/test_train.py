@@ -237,10 +237,42 @@ def test_offline_efficient_training_from_a_precomputed_top_k_never_computes_teac
         assert result.epochs[-1].agreement[layer] == pytest.approx(probe[layer].agreement, abs=1e-9)
 
 
+def test_frequency_proposal_comes_from_the_stored_top_k(synth, monkeypatch):
+    """The negatives' proposal is set once, from the teacher mass of the stored top-k's rows
+    (all of them in a source this small), with every stored column, not only heads.topk;
+    without a stored top-k, from the probe's final states; `uniform` sets none."""
+    import pipeline.train as train_mod
+
+    seen = []
+    real = train_mod.negative_proposal
+    monkeypatch.setattr(train_mod, "negative_proposal", lambda mass, power: seen.append((mass, power)) or real(mass, power))
+    topk = precompute_topk(synth.teacher, synth.train, 8)
+    cfg = heads_cfg(epochs=1, max_steps=2, efficient_loss=True, topk=4, negatives=64, proposal_power=0.7)
+    train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False, teacher_topk=topk)
+    (mass, power), = seen
+    want = np.zeros(VOCAB)
+    np.add.at(want, topk.ids.ravel(), np.exp(topk.logprobs.astype(np.float64)).ravel())
+    np.testing.assert_allclose(mass.numpy(), want, rtol=1e-6)
+    assert power == 0.7 and mass.sum() == pytest.approx(synth.train.num_tokens * np.exp(topk.logprobs).sum(1).mean())
+
+    seen.clear()
+    train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False)  # top-k per batch
+    (mass, _), = seen
+    probe = min(train_mod.PROBE_ROWS, synth.train.num_tokens)
+    assert mass.sum() == pytest.approx(probe * np.exp(topk.logprobs[:probe, :4]).sum(1).mean(), rel=1e-4)
+
+    seen.clear()
+    train_heads(cfg.model_copy(update={"negative_proposal": "uniform"}), LAYERS, NUM_LAYERS, synth.teacher,
+                synth.train, progress=False, teacher_topk=topk)
+    assert seen == []
+
+
 def test_precomputed_and_per_batch_top_k_train_alike(synth):
     """Offline (stored top-k, read by row) and per-batch (top-k of the batch's final states, as
-    online) run the same math on the same rows: the same losses up to float rounding."""
-    cfg = heads_cfg(epochs=1, efficient_loss=True, topk=8, negatives=32, loss="mix")
+    online) run the same math on the same rows: the same losses up to float rounding. Uniform
+    negatives: the frequency proposal is estimated from different row samples on the two paths
+    (a spread of the store against the probe), see test_frequency_proposal_comes_from_the_stored_top_k."""
+    cfg = heads_cfg(epochs=1, efficient_loss=True, topk=8, negatives=32, loss="mix", negative_proposal="uniform")
     topk = precompute_topk(synth.teacher, synth.train, 16)  # k above heads.topk: the first 8 are used
     stored = train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False, teacher_topk=topk)
     per_batch = train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False)
