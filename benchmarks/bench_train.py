@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--topk", type=int, default=16)
-    ap.add_argument("--negatives", type=int, default=2048, help="negative draws per step (frequency proposal)")
+    ap.add_argument("--negatives", type=int, default=1536, help="shared negatives per step (frequency proposal)")
     ap.add_argument("--uniform-negatives", type=int, default=256, help="distinct uniform negatives of the ablation run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
@@ -185,7 +185,7 @@ def main() -> None:
         f"{cfg.model.source} on {result['device']} ({result['threads']} threads); {len(layers)} {cfg.heads.kind} heads "
         f"(rank {cfg.heads.rank}) at layers {layers}; {args.steps} steps x {args.batch} tokens from a "
         f"{reader.num_tokens}-token train cache, lr {args.lr:g}, loss `{cfg.heads.loss}`; efficient = per-row "
-        f"teacher top-{args.topk} + {args.negatives} shared negative draws from the frequency proposal (power "
+        f"teacher top-{args.topk} + {args.negatives} shared negatives drawn by the frequency proposal (power "
         f"{cfg.heads.proposal_power:g}); `uniform` = {args.uniform_negatives} uniform negatives instead. Agreement = top-1 agreement with the final "
         f"layer on {result['eval_tokens']} eval tokens. One run each, offline and online alternating.", "",
         f"| run | train tokens/s | agreement {' / '.join(map(str, layers))} | mean |",

@@ -121,10 +121,8 @@ class HeadsConfig(_Section):
     """Score only the teacher's top-k plus sampled negatives instead of the full vocabulary."""
     topk: int = Field(16, gt=0)
     """Teacher candidates kept per row by the efficient loss (its top-k by probability)."""
-    negatives: int = Field(2048, ge=0)
-    """Negative draws per batch for the efficient loss, shared by its rows (with the
-    `frequency` proposal, drawn with replacement: ~1,600 distinct ids from 2,048 draws on
-    SmolLM2)."""
+    negatives: int = Field(1536, ge=0)
+    """Distinct negative tokens per batch for the efficient loss, shared by its rows."""
     negative_proposal: Literal["frequency", "uniform"] = "frequency"
     """Where negatives are drawn from: `frequency`, in proportion to the teacher's probability
     mass per token (flattened by `proposal_power`, a quarter spread evenly), estimated once

@@ -19,6 +19,7 @@ from pipeline.losses import (
     cross_entropy,
     head_entropy,
     head_loss,
+    inclusion_probabilities,
     kl_distill,
     layer_weights,
     negative_proposal,
@@ -130,7 +131,7 @@ def test_topk_candidates_layout_and_duplicates():
     assert len(set(c.negatives.tolist())) == m  # drawn without replacement
     assert torch.equal(c.row_ids[:, :k], ids) and c.valid[:, :k].all()
     torch.testing.assert_close(c.teacher_logits[:, :k], logprobs)
-    assert torch.isinf(c.teacher_logits[:, k:]).all()  # no teacher mass outside the top-k
+    assert c.teacher_logits.shape == (n, k)  # no teacher mass outside the top-k columns
     for i in range(n):
         cols = torch.cat([c.row_ids[i], c.negatives])  # [c] token of each column
         kept = cols[c.valid[i]].tolist()
@@ -170,31 +171,40 @@ def test_negative_proposal_follows_the_mass_with_a_uniform_floor():
         negative_proposal(torch.tensor([1.0, float("nan")]))
 
 
+def test_inclusion_probabilities_sum_to_the_sample_size_and_cap_at_one():
+    q = negative_proposal(torch.tensor([0.0] * 6 + [1.0, 100.0, 400.0, 10000.0]), power=1.0)
+    pi = inclusion_probabilities(q, 4)
+    assert pi.sum().item() == pytest.approx(4.0) and (pi <= 1).all() and (pi > 0).all()
+    assert pi[-1] == 1.0  # its share would exceed 1: taken every time
+    rest = pi < 1
+    torch.testing.assert_close(pi[rest] / q[rest].double(), torch.full((int(rest.sum()),), float(pi[0] / q[0]),
+                                                                      dtype=torch.float64))  # proportional
+    assert torch.equal(inclusion_probabilities(q, 10), torch.ones(10, dtype=torch.float64))
+
+
 def test_proposal_negatives_are_distinct_and_their_weights_make_an_unbiased_sum():
-    """Draws with replacement, kept once: each token is in with probability pi = 1 - (1 - Q)^d
-    and weighs 1 / pi, so sum over the drawn of x / pi estimates sum(x) without bias (the
-    partition function), and the empirical inclusion rate matches pi."""
-    vocab, d, trials = 40, 12, 4000
-    mass = torch.arange(vocab, dtype=torch.float) ** 2
-    q = negative_proposal(mass)
-    x = torch.rand(vocab) + 0.5  # stands for exp(student logit)
+    """Exactly `negatives` distinct ids a batch; token v is in with probability pi_v and weighs
+    1 / pi_v, so sum over the drawn of x / pi estimates sum(x) without bias (the partition
+    function), and the empirical inclusion rate matches pi."""
+    vocab, m, trials = 40, 12, 4000
+    q = negative_proposal(torch.arange(vocab, dtype=torch.float) ** 2)
+    pi = inclusion_probabilities(q, m)
+    x = torch.rand(vocab, dtype=torch.float64) + 0.5  # stands for exp(student logit)
     ids, lp = teacher_topk(torch.randn(3, vocab), 2)
     gen = torch.Generator().manual_seed(0)
-    estimates, counts = [], torch.zeros(vocab)
+    estimates, counts = [], torch.zeros(vocab, dtype=torch.float64)
     for _ in range(trials):
-        c = TopkCandidates.build(ids, lp, torch.zeros(3, dtype=torch.long), vocab, d, with_target=False,
+        c = TopkCandidates.build(ids, lp, torch.zeros(3, dtype=torch.long), vocab, m, with_target=False,
                                  generator=gen, proposal=q)
         neg = c.negatives
-        assert len(set(neg.tolist())) == neg.numel() <= d
-        w = c.log_weight[2:].exp()  # [m] 1 / pi
+        assert neg.numel() == m and len(set(neg.tolist())) == m
+        w = c.log_weight[2:].double().exp()  # [m] 1 / pi
+        torch.testing.assert_close(w, 1 / pi[neg], rtol=1e-5, atol=0)
         estimates.append(float((x[neg] * w).sum()))
         counts[neg] += 1
-    pi = 1 - (1 - q.double()) ** d
-    torch.testing.assert_close(1 / w.double(), pi[neg], rtol=1e-5, atol=0)
     est = torch.tensor(estimates, dtype=torch.float64)
     assert abs(est.mean().item() - x.sum().item()) < 4 * est.std().item() / trials ** 0.5
-    rate = counts.double() / trials
-    assert (rate - pi).abs().max().item() < 4 * (0.25 / trials) ** 0.5
+    assert (counts / trials - pi).abs().max().item() < 4 * (0.25 / trials) ** 0.5
 
 
 def test_topk_candidates_reject_misaligned_inputs():
