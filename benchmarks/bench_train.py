@@ -13,7 +13,7 @@ Caches are built with `flows.stages.run_extract` under --root (gitignored) and r
 runs; the teacher top-k is recomputed every run, because its cost is one of the results.
 
 A fifth run, offline with the efficient loss but uniform negatives (`--uniform-negatives`
-draws, distinct), shows what the frequency proposal of the negatives buys.
+of them), shows what the frequency proposal of the negatives buys.
 
     python benchmarks/bench_train.py [--train-tokens 49152] [--eval-tokens 4096] [--steps 48]
 """

@@ -254,7 +254,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 problems.append(f"  - --set {item!r}: {part!r} is not a section")
                 break
         else:
-            node[parts[-1]] = _parse_value(value)
+            # artifact keys are hex: one that happens to be all digits must stay a string
+            node[parts[-1]] = value.strip() if parts[0] == "inputs" else _parse_value(value)
     if problems:
         raise ConfigError("invalid overrides:\n" + "\n".join(problems))
     return data

@@ -204,7 +204,7 @@ class TopkCandidates:
 PROPOSAL_UNIFORM_SHARE = 0.25
 """Share of the negative proposal spread evenly over the vocabulary, so that no token has a
 zero (or tiny) inclusion probability: a token the teacher never ranks can still be one the
-student favours, and its importance weight 1 / pi stays bounded (at most 4 V / draws)."""
+student favours, and its importance weight 1 / pi stays bounded (at most 4 V / negatives)."""
 
 
 def negative_proposal(token_mass: torch.Tensor, power: float = 0.5) -> torch.Tensor:

@@ -65,6 +65,10 @@ PROPOSAL_ROWS = 65536
 """Rows, evenly spaced over a precomputed teacher top-k, whose teacher mass sets the
 negative proposal of the efficient loss (reading them all would cost a pass over the store)."""
 
+PROPOSAL_EPOCH = 1_000_000
+"""Shuffling epoch of the row sample behind the proposal when no top-k is stored: a stream
+of its own, apart from the training epochs' orders."""
+
 SCORE_BLOCK_ROWS = 256
 """Rows scored at once with full-vocabulary logits: bounds memory at a few [256, V] float32
 tensors (~50 MB each for V = 49152) whatever the batch size."""
@@ -770,17 +774,25 @@ def _read_probe(source: BatchSource, names: list[str], rows: int) -> dict[str, n
         batches.close()
 
 
-def _token_mass(cfg: HeadsConfig, teacher: TeacherWeights, stored: TeacherTopK | None, probe: dict[str, np.ndarray],
+def _token_mass(cfg: HeadsConfig, teacher: TeacherWeights, stored: TeacherTopK | None, source: BatchSource,
                 device: torch.device) -> torch.Tensor:
     """[V] teacher probability summed per token over a sample of rows, from their top-k: up
-    to `PROPOSAL_ROWS` evenly spaced rows of the stored top-k, else the probe's final states.
-    A fixed sample (not a running count), so a resumed run draws from the same proposal."""
+    to `PROPOSAL_ROWS` evenly spaced rows of the stored top-k, else the final states of
+    `PROBE_ROWS` shuffled rows (online: one extra backbone pass over them; the probe itself is
+    the source's first rows, often a single document). A fixed sample (not a running count),
+    so a resumed run draws from the same proposal."""
     if stored is not None:
         rows = np.unique(np.linspace(0, stored.num_tokens - 1, min(stored.num_tokens, PROPOSAL_ROWS)).astype(np.int64))
         ids, logprobs = stored.rows(rows)  # [r, k_stored] x2
         ids, logprobs = _tensor(ids.astype(np.int64), device), _tensor(logprobs, device)
     else:
-        ids, logprobs = topk_of_batch(teacher, _tensor(probe["final"], device), cfg.topk)  # [p, k] x2
+        batches = source.iter_batches(["final"], min(PROBE_ROWS, source.num_tokens), shuffle=True, seed=cfg.seed,
+                                      epoch=PROPOSAL_EPOCH)
+        try:
+            final = next(batches)["final"]  # [p, H]
+        finally:
+            batches.close()
+        ids, logprobs = topk_of_batch(teacher, _tensor(final, device), cfg.topk)  # [p, k] x2
     mass = torch.zeros(teacher.vocab_size, dtype=torch.float64, device=device)  # [V]
     return mass.index_add_(0, ids.reshape(-1), logprobs.reshape(-1).double().exp())
 
@@ -831,7 +843,7 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
         probe_top1 = None if stored is None else stored.rows(probe["row"], 1)[0][:, 0]  # [p] teacher top-1
         proposal = None
         if cfg.efficient_loss and cfg.negative_proposal == "frequency":
-            proposal = negative_proposal(_token_mass(cfg, teacher_d, stored, probe, device), cfg.proposal_power)  # [V]
+            proposal = negative_proposal(_token_mass(cfg, teacher_d, stored, source, device), cfg.proposal_power)  # [V]
 
         def candidates(batch: dict[str, np.ndarray], targets: torch.Tensor) -> TopkCandidates:
             if stored is not None:

@@ -28,6 +28,12 @@ def test_overrides_are_typed():
     assert cfg.model.trust_remote_code is True
 
 
+def test_artifact_keys_given_with_set_stay_strings():
+    """A key prefix can be all digits (or digits with a leading 0, which YAML reads as octal)."""
+    cfg = load_config(None, ["inputs.heads=313476684347", "inputs.gates=0123", "inputs.train_cache=4e5f"])
+    assert (cfg.inputs.heads, cfg.inputs.gates, cfg.inputs.train_cache) == ("313476684347", "0123", "4e5f")
+
+
 def test_bad_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["extract.layers"])

@@ -240,7 +240,7 @@ def test_offline_efficient_training_from_a_precomputed_top_k_never_computes_teac
 def test_frequency_proposal_comes_from_the_stored_top_k(synth, monkeypatch):
     """The negatives' proposal is set once, from the teacher mass of the stored top-k's rows
     (all of them in a source this small), with every stored column, not only heads.topk;
-    without a stored top-k, from the probe's final states; `uniform` sets none."""
+    without a stored top-k, from the final states of a shuffled sample; `uniform` sets none."""
     import pipeline.train as train_mod
 
     seen = []
@@ -257,9 +257,13 @@ def test_frequency_proposal_comes_from_the_stored_top_k(synth, monkeypatch):
 
     seen.clear()
     train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, progress=False)  # top-k per batch
-    (mass, _), = seen
-    probe = min(train_mod.PROBE_ROWS, synth.train.num_tokens)
-    assert mass.sum() == pytest.approx(probe * np.exp(topk.logprobs[:probe, :4]).sum(1).mean(), rel=1e-4)
+    (mass, _), = seen  # from a shuffled sample of rows, not the probe (the first rows)
+    sample = next(synth.train.iter_batches(["row"], train_mod.PROBE_ROWS, shuffle=True, seed=cfg.seed,
+                                           epoch=train_mod.PROPOSAL_EPOCH))["row"]
+    assert not np.array_equal(np.sort(sample), np.arange(len(sample)))
+    want = np.zeros(VOCAB)
+    np.add.at(want, topk.ids[sample, :4].ravel(), np.exp(topk.logprobs[sample, :4].astype(np.float64)).ravel())
+    np.testing.assert_allclose(mass.numpy(), want, rtol=1e-4, atol=1e-6)
 
     seen.clear()
     train_heads(cfg.model_copy(update={"negative_proposal": "uniform"}), LAYERS, NUM_LAYERS, synth.teacher,
