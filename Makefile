@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-all bench bench-extract bench-train clean help
+.PHONY: setup demo test test-all test-gpu bench bench-extract bench-train clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -33,6 +33,9 @@ test: setup  ## the default test suite (minutes)
 
 test-all: setup  ## every test, the slow ones with the real embedded model included
 	$(PY) -m pytest -q -m ''
+
+test-gpu: setup  ## only the CUDA tests (skipped where no GPU is visible)
+	$(PY) -m pytest -q -m gpu
 
 bench-extract: setup  ## extraction throughput vs the bare forward, cache bytes per token
 	$(PY) benchmarks/bench_extract.py
