@@ -144,15 +144,15 @@ class TopkCandidates:
     @classmethod
     def build(cls, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, targets: torch.Tensor, vocab_size: int,
               negatives: int, *, with_target: bool, generator: torch.Generator | None = None,
-              proposal: torch.Tensor | None = None) -> "TopkCandidates":
+              inclusion: torch.Tensor | None = None) -> "TopkCandidates":
         """Candidates from the teacher's top-k of each row: ids [n, k] (distinct per row) and
         their log-probabilities under the full softmax [n, k], targets [n] (-1: none).
         `with_target` adds a column for a target outside the row's top-k (CE needs the true
         token among the candidates). Cost O(V + n (k + m)); no [n, V].
 
-        Negatives: `negatives` distinct ids, drawn uniformly or, with a `proposal` [V]
-        (probabilities, see `negative_proposal`), in proportion to it: token v is then among
-        them with probability pi_v (`inclusion_probabilities`) and weighs 1 / pi_v in the
+        Negatives: `negatives` distinct ids, drawn uniformly or, with `inclusion` [V] (pi =
+        `inclusion_probabilities(negative_proposal(...), negatives)`, computed once per run),
+        so that token v is among them with probability pi_v; it then weighs 1 / pi_v in the
         student's partition function."""
         n, k = topk_ids.shape
         if topk_logprobs.shape != (n, k) or targets.shape != (n,):
@@ -162,12 +162,12 @@ class TopkCandidates:
             )
         device = topk_ids.device
         ids, targets = topk_ids.long(), targets.long().to(device)
-        if proposal is None:
+        if inclusion is None:
             m = min(int(negatives), vocab_size)
             neg = torch.randperm(vocab_size, generator=generator, device=device)[:m]  # [m]
             neg_log_weight = torch.full((m,), math.log(vocab_size / m) if m else 0.0, device=device)  # [m]
         else:
-            neg, neg_log_weight = _draw_negatives(proposal.to(device), int(negatives), generator)  # [m], [m]
+            neg, neg_log_weight = _draw_negatives(inclusion.to(device), int(negatives), generator)  # [m], [m]
             m = int(neg.shape[0])
         # a negative is invalid in the rows where it is also a top-k id (or the target, when that
         # is a candidate): look each row's ids up in a token -> negative-column table,
@@ -254,23 +254,26 @@ def inclusion_probabilities(proposal: torch.Tensor, size: int) -> torch.Tensor:
         certain |= over
 
 
-def _draw_negatives(proposal: torch.Tensor, size: int, generator: torch.Generator | None
+def _draw_negatives(pi: torch.Tensor, size: int, generator: torch.Generator | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly min(size, V) distinct ids with inclusion probabilities `inclusion_probabilities`
-    (systematic sampling in a random order: the cumulative pi of a shuffled vocabulary, hit at
+    """Exactly min(size, V) distinct ids, token v with probability pi [V] (from
+    `inclusion_probabilities(proposal, size)`; systematic sampling in a random order: the cumulative pi of a shuffled vocabulary, hit at
     u, u + 1, ..., u + size - 1 for one uniform u; a token's stretch is at most 1 long, so it
     is hit at most once, and with probability pi) -> ids [m] and log importance weights
     -log pi [m]. A fixed size keeps every batch's tensors the same shape (a varying one cost
     a fifth of the step in fresh allocations on CPU)."""
-    vocab = proposal.shape[0]
+    vocab = pi.shape[0]
     size = min(int(size), vocab)
     if size <= 0:
-        return proposal.new_zeros(0, dtype=torch.long), proposal.new_zeros(0)
-    pi = inclusion_probabilities(proposal, size)  # [V]
-    order = torch.randperm(vocab, generator=generator, device=proposal.device)  # [V]
+        return pi.new_zeros(0, dtype=torch.long), pi.new_zeros(0, dtype=torch.float)
+    total = float(pi.sum())
+    if abs(total - size) > 1e-3 * size:
+        raise ValueError(f"the inclusion probabilities sum to {total:.3f}, not the {size} negatives asked for; "
+                         f"compute them with inclusion_probabilities(proposal, {size})")
+    order = torch.randperm(vocab, generator=generator, device=pi.device)  # [V]
     edges = torch.cumsum(pi[order], dim=0)  # [V] float64
-    start = torch.rand(1, generator=generator, device=proposal.device, dtype=torch.float64)  # [1]
-    points = start + torch.arange(size, device=proposal.device, dtype=torch.float64)  # [m]
+    start = torch.rand(1, generator=generator, device=pi.device, dtype=torch.float64)  # [1]
+    points = start + torch.arange(size, device=pi.device, dtype=torch.float64)  # [m]
     picked = torch.searchsorted(edges, points, right=True).clamp_max(vocab - 1)  # [m]
     ids = order[picked]  # [m]
     if torch.unique(ids).numel() != size:  # only from float rounding at a stretch's edge

@@ -43,6 +43,7 @@ from pipeline.losses import (
     TopkCandidates,
     head_entropy,
     head_loss,
+    inclusion_probabilities,
     layer_weights,
     negative_proposal,
     topk_distill_loss,
@@ -841,9 +842,10 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         probe = _read_probe(source, names, PROBE_ROWS)
         probe_top1 = None if stored is None else stored.rows(probe["row"], 1)[0][:, 0]  # [p] teacher top-1
-        proposal = None
+        inclusion = None  # [V] each token's chance to be a negative, set once per run
         if cfg.efficient_loss and cfg.negative_proposal == "frequency":
             proposal = negative_proposal(_token_mass(cfg, teacher_d, stored, source, device), cfg.proposal_power)  # [V]
+            inclusion = inclusion_probabilities(proposal, cfg.negatives)  # [V]
 
         def candidates(batch: dict[str, np.ndarray], targets: torch.Tensor) -> TopkCandidates:
             if stored is not None:
@@ -852,7 +854,7 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
             else:
                 ids, logprobs = topk_of_batch(teacher_d, _tensor(batch["final"], device), cfg.topk)  # [n, k] x2
             return TopkCandidates.build(ids, logprobs, targets, teacher.vocab_size, cfg.negatives,
-                                        with_target=cfg.loss != "kl", generator=generator, proposal=proposal)
+                                        with_target=cfg.loss != "kl", generator=generator, inclusion=inclusion)
 
         def step(batch: dict[str, np.ndarray]) -> _StepOut:
             targets = _tensor(batch["targets"].astype(np.int64), device)  # [n]

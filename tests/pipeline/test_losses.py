@@ -195,7 +195,7 @@ def test_proposal_negatives_are_distinct_and_their_weights_make_an_unbiased_sum(
     estimates, counts = [], torch.zeros(vocab, dtype=torch.float64)
     for _ in range(trials):
         c = TopkCandidates.build(ids, lp, torch.zeros(3, dtype=torch.long), vocab, m, with_target=False,
-                                 generator=gen, proposal=q)
+                                 generator=gen, inclusion=pi)
         neg = c.negatives
         assert neg.numel() == m and len(set(neg.tolist())) == m
         w = c.log_weight[2:].double().exp()  # [m] 1 / pi
@@ -205,6 +205,14 @@ def test_proposal_negatives_are_distinct_and_their_weights_make_an_unbiased_sum(
     est = torch.tensor(estimates, dtype=torch.float64)
     assert abs(est.mean().item() - x.sum().item()) < 4 * est.std().item() / trials ** 0.5
     assert (counts / trials - pi).abs().max().item() < 4 * (0.25 / trials) ** 0.5
+
+
+def test_inclusion_probabilities_for_another_sample_size_are_rejected():
+    q = negative_proposal(torch.arange(40, dtype=torch.float))
+    ids, lp = teacher_topk(torch.randn(3, 40), 2)
+    with pytest.raises(ValueError, match="inclusion_probabilities"):
+        TopkCandidates.build(ids, lp, torch.zeros(3, dtype=torch.long), 40, 12, with_target=False,
+                             inclusion=inclusion_probabilities(q, 8))
 
 
 def test_topk_candidates_reject_misaligned_inputs():
