@@ -39,7 +39,8 @@ from flows.stages import cache_path, run_extract, teacher_path  # noqa: E402
 from pipeline.backbone import load_backbone  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load_corpus, pack_split  # noqa: E402
-from pipeline.heads import TeacherWeights, load_heads  # noqa: E402
+from pipeline.heads import load_heads
+from pipeline.teacher import TeacherWeights  # noqa: E402
 from pipeline.teacher import compute_teacher_topk  # noqa: E402
 from pipeline.train import OnlineSource, evaluate_heads, logit_lens, train_heads  # noqa: E402
 from stores.artifacts import ArtifactStore  # noqa: E402

@@ -36,7 +36,7 @@ def plan_teacher_topk(cfg: Config, store: ArtifactStore, cache_key: str) -> Plan
 def run_teacher_topk(cfg: Config, store: ArtifactStore, cache_key: str, progress: bool = True) -> str:
     """Compute and publish the teacher's top-k of a cache; a no-op when it already exists."""
     from pipeline.backbone import resolve_device
-    from pipeline.heads import TeacherWeights
+    from pipeline.teacher import TeacherWeights
     from pipeline.teacher import compute_teacher_topk
     from stores.cache import CacheReader, load_tensors
     from stores.teacher_store import create_teacher_topk, flush_teacher_topk

@@ -162,7 +162,7 @@ def _describe_model(identity: dict) -> str:
 
 
 def _open_cache(store: ArtifactStore, key: str):
-    from pipeline.heads import TeacherWeights
+    from pipeline.teacher import TeacherWeights
     from stores.cache import CacheReader, load_tensors
 
     reader = CacheReader(cache_path(store, key))
@@ -227,7 +227,7 @@ def plan_train_heads_online(cfg: Config, store: ArtifactStore, eval_key: str | N
 def run_train_heads_online(cfg: Config, store: ArtifactStore, eval_key: str | None = None, progress: bool = True) -> str:
     """The same heads, trained with the backbone running every step (no train cache)."""
     from pipeline.backbone import load_backbone
-    from pipeline.heads import TeacherWeights
+    from pipeline.teacher import TeacherWeights
     from pipeline.train import OnlineSource, train_heads
     from stores.checkpoints import FileCheckpoints
 

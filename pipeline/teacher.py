@@ -14,18 +14,110 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
-
-from pipeline.heads import TeacherWeights
 
 logger = logging.getLogger(__name__)
 
 TEACHER_TOPK_CODE_VERSION = "teacher-topk-1"
 """Bump when the stored top-k changes for the same cache and k; part of the stage's content key."""
+
+DEFAULT_NORM_EPS = 1e-5
+"""RMSNorm epsilon of Llama-family final norms (SmolLM2 uses 1e-5)."""
+
+
+def project_vocab(
+    feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_idx: torch.Tensor | None
+) -> torch.Tensor:
+    """The one vocabulary projection every head and the teacher share.
+
+    Selecting rows of the weight before the matmul is what makes subset scoring cheap:
+    n*k*H multiply-adds instead of n*V*H, and no [n, V] tensor.
+    """
+    if vocab_idx is not None:
+        weight = weight.index_select(0, vocab_idx)  # [k, H]
+        bias = None if bias is None else bias.index_select(0, vocab_idx)  # [k]
+    return F.linear(feats, weight, bias)  # [n, V] or [n, k]
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherWeights:
+    """The frozen pieces of the backbone that turn a cached final state into logits.
+
+    The cache stores the final-norm state `f` (norm already applied), so the teacher is just
+    `f @ lm_head.T (+ bias)`; `final_norm` is kept to initialise the heads' own norms.
+    """
+
+    lm_head: torch.Tensor  # [V, H] float32
+    final_norm: torch.Tensor  # [H] float32
+    lm_head_bias: torch.Tensor | None = None  # [V] float32
+    norm_eps: float = DEFAULT_NORM_EPS
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lm_head.ndim != 2:
+            problems.append(f"lm_head has shape {tuple(self.lm_head.shape)}; expected [vocab, hidden]")
+        elif self.final_norm.shape != (self.lm_head.shape[1],):
+            problems.append(
+                f"final_norm has shape {tuple(self.final_norm.shape)}; expected [{self.lm_head.shape[1]}] "
+                "(the LM head's hidden size)"
+            )
+        bias, vocab = self.lm_head_bias, self.lm_head.shape[0]
+        if bias is not None and self.lm_head.ndim == 2 and bias.shape != (vocab,):
+            problems.append(f"lm_head_bias has shape {tuple(bias.shape)}; expected [{vocab}]")
+        if problems:
+            raise ValueError("invalid teacher weights: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor], norm_eps: float = DEFAULT_NORM_EPS) -> "TeacherWeights":
+        """Build from the cache's teacher tensors ("lm_head.weight", "final_norm.weight",
+        optional "lm_head.bias"), as detached float32 copies so training never touches them."""
+        missing = [k for k in ("lm_head.weight", "final_norm.weight") if k not in d]
+        if missing:
+            raise KeyError(f"teacher weights lack {missing}; the extract stage must save the LM head and final norm")
+
+        def f32(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(torch.float32).contiguous()
+
+        bias = d.get("lm_head.bias")
+        return cls(
+            lm_head=f32(d["lm_head.weight"]),
+            final_norm=f32(d["final_norm.weight"]),
+            lm_head_bias=None if bias is None else f32(bias),
+            norm_eps=norm_eps,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm_head.shape[1]
+
+    def to(self, device: torch.device | str) -> "TeacherWeights":
+        """A copy on `device`; move once before training rather than per batch."""
+        return replace(
+            self,
+            lm_head=self.lm_head.to(device),
+            final_norm=self.final_norm.to(device),
+            lm_head_bias=None if self.lm_head_bias is None else self.lm_head_bias.to(device),
+        )
+
+    def logits(self, final_state: torch.Tensor, vocab_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher logits from cached final-norm states; compute once per batch and share
+        across heads. final_state [n, H] -> [n, V] (or [n, k] for a vocab subset)."""
+        if final_state.device != self.lm_head.device:
+            raise ValueError(
+                f"final_state is on {final_state.device} but the teacher on {self.lm_head.device}; "
+                "move the teacher once with teacher.to(device)"
+            )
+        return project_vocab(final_state.to(torch.float32), self.lm_head, self.lm_head_bias, vocab_idx)
+
 
 TOPK_BLOCK_ROWS = 1024
 """Rows whose full-vocabulary logits exist at once: a [1024, V] float32 block is 200 MB for

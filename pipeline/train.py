@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from pipeline.config import GatesConfig, HeadsConfig
 from pipeline.gates import build_gates, gate_loss
-from pipeline.heads import TeacherWeights, build_heads, heads_state_dict
+from pipeline.heads import build_heads, heads_state_dict
+from pipeline.teacher import TeacherWeights
 from pipeline.losses import (
     IGNORE_INDEX,
     TopkCandidates,

@@ -14,7 +14,7 @@ import pipeline.teacher
 from flows import stages
 from flows.stage_teacher import open_stage_teacher_topk, plan_teacher_topk, run_teacher_topk, teacher_topk_path
 from pipeline.config import load_config
-from pipeline.heads import TeacherWeights
+from pipeline.teacher import TeacherWeights
 from stores.artifacts import ArtifactNotFound, ArtifactStore
 from stores.cache import CacheReader, load_tensors
 

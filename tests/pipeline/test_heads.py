@@ -13,12 +13,12 @@ from pipeline.config import HeadsConfig
 from pipeline.heads import (
     AdapterHead,
     LinearHead,
-    TeacherWeights,
     build_heads,
     heads_state_dict,
     load_heads,
 )
 from pipeline.losses import head_loss
+from pipeline.teacher import TeacherWeights
 
 H, V, LAYERS = 16, 50, [2, 3]
 KINDS = ["linear", "adapter"]

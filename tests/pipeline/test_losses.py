@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import HeadsConfig
-from pipeline.heads import AdapterHead, TeacherWeights, build_heads
+from pipeline.heads import AdapterHead, build_heads
+from pipeline.teacher import TeacherWeights
 from pipeline.losses import (
     PROPOSAL_UNIFORM_SHARE,
     TopkCandidates,

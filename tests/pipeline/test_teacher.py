@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.heads import TeacherWeights
+from pipeline.teacher import TeacherWeights
 from pipeline.teacher import TeacherTopK, compute_teacher_topk, topk_of_batch
 
 H, V = 16, 300

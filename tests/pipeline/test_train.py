@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline.config import GatesConfig, HeadsConfig
-from pipeline.heads import AdapterHead, TeacherWeights, load_heads
+from pipeline.heads import AdapterHead, load_heads
+from pipeline.teacher import TeacherWeights
 from pipeline.teacher import TeacherTopK, compute_teacher_topk
 from pipeline.train import (
     OnlineSource,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import GatesConfig, HeadsConfig
-from pipeline.heads import TeacherWeights, load_heads
+from pipeline.heads import load_heads
+from pipeline.teacher import TeacherWeights
 from pipeline.teacher import TeacherTopK, compute_teacher_topk
 from pipeline.train import evaluate_heads, logit_lens, train_gates, train_heads
 
