@@ -18,11 +18,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from stores.files import file_sha256, write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -44,29 +45,6 @@ def content_key(stage: str, code_version: str, config: dict, inputs: dict[str, s
     payload = {"stage": stage, "code_version": code_version, "config": config, "inputs": inputs}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -196,7 +174,7 @@ class ArtifactStore:
             ident = f"{path}|{st.st_size}|{st.st_mtime_ns}"
             memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
             if ident not in memo:
-                memo[ident] = _file_sha256(path)
+                memo[ident] = file_sha256(path)
                 write_json_atomic(memo_path, memo)
             return memo[ident]
 
@@ -211,7 +189,7 @@ def _describe_files(folder: Path) -> dict[str, dict]:
         if entry.name == MANIFEST:
             continue
         if entry.is_file():
-            out[entry.name] = {"size": entry.stat().st_size, "sha256": _file_sha256(entry)}
+            out[entry.name] = {"size": entry.stat().st_size, "sha256": file_sha256(entry)}
         elif entry.is_dir():
             files = [f for f in entry.rglob("*") if f.is_file()]
             out[entry.name + "/"] = {"size": sum(f.stat().st_size for f in files), "files": len(files)}

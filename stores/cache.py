@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import zarr
 
+from stores.files import fsync_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 ROW = "row"
@@ -135,33 +137,9 @@ def _read_progress(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    """Write `data` to `target` so that readers see the old or the new file, never a torn one."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-
-
 def _write_progress(path: Path, rows_done: int, num_tokens: int, complete: bool) -> None:
     doc = {"rows_done": rows_done, "num_tokens": num_tokens, "complete": complete}
-    _write_atomic(path / PROGRESS_FILE, json.dumps(doc).encode())
+    write_atomic(path / PROGRESS_FILE, json.dumps(doc).encode())
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -601,41 +579,3 @@ class CacheReader:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return {n: d[inverse] for n, d in data.items()}
-
-
-# ----------------------------------------------------------------------------- small tensors
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save to safetensors atomically: readers see the old file or the new one, never a torn one."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for k, v in tensors.items():
-        v = v.detach().to("cpu").contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel():  # safetensors refuses tensors that share storage (tied weights)
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        out[k] = v
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(out, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        raise CacheError(f"no tensors at {path}; run the stage that writes it first")
-    return load_file(str(path))

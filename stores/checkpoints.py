@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from stores.cache import fsync_dir
+from stores.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,6 @@ from stores.cache import (
     CacheSchema,
     CacheWriter,
     NonFiniteError,
-    load_tensors,
-    save_tensors,
 )
 
 HIDDEN = 16
@@ -422,22 +420,6 @@ def test_start_batch_resumes_the_same_sequence(ragged_cache):
 def test_iter_batches_rejects_unknown_names(ragged_cache):
     with pytest.raises(CacheError, match="available"):
         next(CacheReader(ragged_cache).iter_batches(["layer_9"], 8))
-
-
-# ----------------------------------------------------------------------------- small tensors
-
-
-def test_save_and_load_tensors(tmp_path):
-    w = torch.randn(5, 3)
-    tensors = {"a": w, "tied": w, "b": torch.arange(4, dtype=torch.int64)}
-    save_tensors(tmp_path / "sub" / "heads.safetensors", tensors)
-    got = load_tensors(tmp_path / "sub" / "heads.safetensors")
-    assert set(got) == set(tensors)
-    for k in tensors:
-        assert torch.equal(got[k], tensors[k])
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["heads.safetensors"]
-    with pytest.raises(CacheError, match="no tensors"):
-        load_tensors(tmp_path / "missing.safetensors")
 
 
 def test_iter_batches_row_pseudo_column_matches_data(tmp_path):
