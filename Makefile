@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv and install everything (once)
 
 demo: setup  ## run the main job on the embedded default (SmolLM2-135M, Python reference)
-	$(VENV)/bin/exitflow run all --config configs/default.yaml
+	$(VENV)/bin/exitflow run all
 
 test: setup  ## the default test suite (minutes)
 	$(PY) -m pytest -q

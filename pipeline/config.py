@@ -117,8 +117,9 @@ class HeadsConfig(_Section):
     """Distillation temperature."""
     layer_weights: Literal["uniform", "proportional"] = "uniform"
     """`proportional`: weight head i by (i+1)/L across heads."""
-    efficient_loss: bool = False
-    """Score only the teacher's top-k plus sampled negatives instead of the full vocabulary."""
+    efficient_loss: bool = True
+    """Score only the teacher's top-k (from the teacher_topk stage) plus sampled negatives
+    instead of the full vocabulary; false: the exact full-vocabulary loss (slower)."""
     topk: int = Field(16, gt=0)
     """Teacher candidates kept per row by the efficient loss (its top-k by probability)."""
     negatives: int = Field(1536, ge=0)
@@ -133,10 +134,13 @@ class HeadsConfig(_Section):
     epochs: int = Field(2, gt=0)
     batch_tokens: int = Field(1024, gt=0)
     """Tokens per optimizer step."""
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    """Peak AdamW learning rate (after warm-up; cosine decay to the end)."""
     weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    """Optimizer steps of linear learning-rate warm-up."""
     grad_clip: float = Field(1.0, gt=0)
+    """Gradient norm clip."""
     buffer_chunks: int = Field(4, gt=0)
     """Chunks held in memory by the shuffling reader."""
     seed: int = 0
@@ -227,7 +231,7 @@ def _format_errors(err: ValidationError) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; check its spelling against `exitflow config --help` or configs/default.yaml"
+            msg = "unknown key; `exitflow config` lists every key with its default and meaning"
         lines.append(f"  - {where} = {e.get('input')!r}: {msg}")
     return f"invalid configuration ({len(lines)} problem{'s' * (len(lines) != 1)}):\n" + "\n".join(lines)
 

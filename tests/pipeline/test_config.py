@@ -51,3 +51,23 @@ def test_shipped_configs_validate():
 
     for f in sorted(Path(__file__).parents[2].glob("configs/*.yaml")):
         assert isinstance(load_config(f), Config)
+
+
+def test_one_set_of_defaults_config_files_set_only_what_differs():
+    """The pydantic defaults are the defaults: a YAML file under configs/ that repeats one
+    would be a second source of truth that can drift from the first."""
+    import yaml
+    from pathlib import Path
+
+    defaults = Config().model_dump(mode="json")
+    files = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    for path in files:
+        data = yaml.safe_load(path.read_text()) or {}
+        load_config(path)  # valid
+        same = [f"{s}.{k}" for s, section in data.items() for k, v in section.items() if defaults[s][k] == v]
+        assert not same, f"{path.name} repeats defaults {same}; drop them"
+
+
+def test_the_embedded_default_trains_with_the_efficient_loss():
+    heads = load_config().heads
+    assert (heads.efficient_loss, heads.lr, heads.warmup_steps) == (True, 3e-3, 20)
