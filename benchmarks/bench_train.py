@@ -42,7 +42,9 @@ from pipeline.data import load_corpus, pack_split  # noqa: E402
 from pipeline.heads import load_heads
 from pipeline.teacher import TeacherWeights  # noqa: E402
 from pipeline.teacher import compute_teacher_topk  # noqa: E402
-from pipeline.train import OnlineSource, evaluate_heads, logit_lens, train_heads  # noqa: E402
+from pipeline.scoring import evaluate_heads, logit_lens  # noqa: E402
+from pipeline.sources import OnlineSource  # noqa: E402
+from pipeline.train_heads import train_heads  # noqa: E402
 from stores.artifacts import ArtifactStore  # noqa: E402
 from stores.cache import CacheReader, load_tensors  # noqa: E402
 from stores.teacher_store import create_teacher_topk, flush_teacher_topk, open_teacher_topk  # noqa: E402

@@ -16,16 +16,17 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.calibrate import (
+from pipeline.calibrate import Calibration, HeldOutCheck, calibrate_exits, check_held_out
+from pipeline.cascade import CascadeResult, accuracy_curve, calibrate_cascade, evaluate_cascade
+from pipeline.config import CalibrateConfig
+from pipeline.recalibrate import drift_table
+from pipeline.scoring import ExitLabels
+from pipeline.thresholds import (
     CalibrationError,
     LevelResult,
-    accuracy_curve,
-    calibrate_cascade,
     calibrate_head,
     check_enough_tokens,
-    drift_table,
     empirical_thresholds,
-    evaluate_cascade,
     evaluate_thresholds,
     exit_mask,
     ltt_thresholds,
@@ -120,7 +121,7 @@ def test_ltt_returns_none_when_nothing_can_be_certified(rng):
     (r,) = ltt_thresholds(e, c, [0.95], delta=0.1)
     assert r.threshold is None and r.exit_rate == 0.0 and r.accuracy is None and r.n_exited == 0
     (ev,) = evaluate_thresholds(e, c, [r])
-    assert ev["n_exited"] == 0 and ev["met"]
+    assert ev.n_exited == 0 and ev.met
 
 
 def test_ltt_guarantee_holds_over_many_splits():
@@ -268,7 +269,7 @@ def test_gate_direction_equals_negated_scores(rng, method):
         assert (a.exit_rate, a.accuracy, a.n_exited) == (b.exit_rate, b.accuracy, b.n_exited)
     ev_low = evaluate_thresholds(e, c, low)
     ev_high = evaluate_thresholds(-e, c, high, higher_is_confident=True)
-    assert [d["n_exited"] for d in ev_low] == [d["n_exited"] for d in ev_high]
+    assert [d.n_exited for d in ev_low] == [d.n_exited for d in ev_high]
     with pytest.raises(CalibrationError, match="higher_is_confident"):
         evaluate_thresholds(-e, c, high)  # forgot the flag
 
@@ -337,7 +338,7 @@ def test_cascade_ltt_guarantee_over_splits():
         new = _three_heads(rng, 20_000)
         for method in viol:
             res = calibrate_cascade(*cal, 16, [level], delta, method, seed=i)
-            viol[method] += not evaluate_cascade(*new, res)[0]["met"]
+            viol[method] += not evaluate_cascade(*new, res)[0].met
     rate = {k: v / trials for k, v in viol.items()}
     print(f"\ncascade violation rate over {trials} splits: {rate}")
     assert rate["ltt"] <= delta + 3 * math.sqrt(delta * (1 - delta) / trials)
@@ -354,24 +355,24 @@ def test_shifted_distribution_shows_drift_and_violations(rng):
     old = calibrate_head(e_old, c_old, LEVELS[:4], 0.1, "ltt")
 
     same = evaluate_thresholds(*make_head(rng, 50_000, a=5.0), old)
-    assert all(d["met"] for d in same)
+    assert all(d.met for d in same)
     shifted = evaluate_thresholds(e_new, c_new, old)
-    assert [d["level"] for d in shifted] == LEVELS[:4]
-    assert not any(d["met"] for d in shifted)
+    assert [d.level for d in shifted] == LEVELS[:4]
+    assert not any(d.met for d in shifted)
     for d, r in zip(shifted, old):
-        assert d["accuracy"] < d["calib_accuracy"] == r.accuracy
+        assert d.accuracy < d.calib_accuracy == r.accuracy
 
     new = calibrate_head(e_new, c_new, LEVELS[:4], 0.1, "ltt")
     rows = drift_table(old, new)
-    assert [row["level"] for row in rows] == LEVELS[:4]
+    assert [row.level for row in rows] == LEVELS[:4]
     for row in rows:
-        assert row["exit_rate_change"] < 0
-        if row["new_threshold"] is None:  # the worse head can no longer certify this level
-            assert row["shift"] is None and row["new_exit_rate"] == 0.0
+        assert row.exit_rate_change < 0
+        if row.new_threshold is None:  # the worse head can no longer certify this level
+            assert row.shift is None and row.new_exit_rate == 0.0
             continue
-        assert row["shift"] < 0, "entropy thresholds must tighten on the worse head"
-        assert row["shift"] == pytest.approx(row["new_threshold"] - row["old_threshold"])
-    assert rows[0]["new_threshold"] is not None and rows[-1]["new_threshold"] is None
+        assert row.shift < 0, "entropy thresholds must tighten on the worse head"
+        assert row.shift == pytest.approx(row.new_threshold - row.old_threshold)
+    assert rows[0].new_threshold is not None and rows[-1].new_threshold is None
     # dict forms (as stored in JSON) give the same table
     as_json = json.loads(json.dumps([r.to_dict() for r in old]))
     assert drift_table(as_json, {r.level: r for r in new}) == rows
@@ -383,24 +384,115 @@ def test_drift_table_marks_missing_and_none(rng):
     old = empirical_thresholds(e, c, [0.9, 0.99])
     new = [LevelResult(0.9, None, 0.0, None, "ltt", 0.1, 3000, 0)]
     rows = drift_table(old, new)
-    assert rows[0]["shift"] is None and rows[0]["exit_rate_change"] == -old[0].exit_rate
-    assert rows[1]["level"] == 0.99 and rows[1]["new_threshold"] is None
+    assert rows[0].shift is None and rows[0].exit_rate_change == -old[0].exit_rate
+    assert rows[1].level == 0.99 and rows[1].new_threshold is None
 
 
 def test_module_imports_no_orchestration():
-    code = "import sys, pipeline.calibrate; assert not {'prefect', 'zarr'} & set(sys.modules), sorted(sys.modules)"
+    code = ("import sys, pipeline.thresholds, pipeline.cascade, pipeline.calibrate, pipeline.recalibrate, "
+            "reports.recalibration; assert not {'prefect', 'zarr'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_held_verdict_tolerates_sampling_noise_but_not_a_real_miss():
     """`met` is a point estimate; `held` fails only on a significant shortfall."""
-    from pipeline.calibrate import LevelResult, evaluate_thresholds
-
     r = [LevelResult(level=0.9, threshold=1.0, exit_rate=1.0, accuracy=0.91, method="ltt", delta=0.1, n=10, n_exited=10)]
     scores = np.zeros(1000)
     just_below = np.arange(1000) < 895  # 0.895: sampling noise around 0.9
     far_below = np.arange(1000) < 850
     near = evaluate_thresholds(scores, just_below, r)[0]
     far = evaluate_thresholds(scores, far_below, r)[0]
-    assert near["met"] is False and near["held"] is True
-    assert far["met"] is False and far["held"] is False and far["p_below"] < 1e-4
+    assert near.met is False and near.held is True
+    assert far.met is False and far.held is False and far.p_below < 1e-4
+
+
+# --------------------------------------------------------------------------------------
+# the stage: every head and predictor, typed
+
+
+def make_labels(rng, n, heads=((4, 5.0), (8, 6.0)), shift=0.0):
+    """ExitLabels of synthetic heads (entropy and correct flags), plus gate probabilities that
+    are a monotone function of the entropy (so gate and entropy thresholds exit the same tokens)."""
+    correct, entropy = {}, {}
+    for layer, a in heads:
+        entropy[layer], correct[layer] = make_head(rng, n, a=a - shift)
+    has_target = np.ones(n, bool)
+    has_target[::50] = False
+    labels = ExitLabels(row=np.arange(n), has_target=has_target, correct=correct,
+                        correct_true={k: v & has_target for k, v in correct.items()}, entropy=entropy)
+    return labels, {layer: _sigmoid(3.0 - 2.0 * e) for layer, e in entropy.items()}
+
+
+CAL_CFG = CalibrateConfig(levels=[0.8, 0.9], delta=0.1)
+
+
+def test_calibrate_exits_returns_a_typed_calibration_that_round_trips(rng):
+    labels, probs = make_labels(rng, 6000)
+    cal = calibrate_exits(labels, probs, [4, 8], 16, CAL_CFG)
+    assert isinstance(cal, Calibration) and cal.n == 6000 and cal.layers == [4, 8] and cal.final_layer == 16
+    assert cal.predictors == ["entropy", "gate"] and cal.method == "ltt" and cal.held_out is None
+    for layer in (4, 8):
+        head = cal.heads[layer]
+        assert head.agreement == pytest.approx(labels.correct[layer].mean()) and head.n == 6000
+        for predictor, hic in (("entropy", False), ("gate", True)):
+            for method in ("ltt", "empirical"):
+                results = head.results[predictor][method]
+                assert [r.level for r in results] == [0.8, 0.9]
+                assert all(r.method == method and r.higher_is_confident is hic for r in results)
+        # the same math as calling calibrate_head directly
+        assert head.results["entropy"]["ltt"] == calibrate_head(labels.entropy[layer], labels.correct[layer],
+                                                                [0.8, 0.9], 0.1, "ltt")
+    assert cal.chosen("gate")[8] == cal.heads[8].results["gate"]["ltt"]
+    assert all(isinstance(r, CascadeResult) and r.final_layer == 16 for r in cal.chosen_cascade("entropy"))
+
+    as_json = json.loads(json.dumps(cal.to_dict()))
+    assert set(as_json) == {"levels", "delta", "method", "reference", "n", "layers", "final_layer", "heads", "cascade"}
+    assert set(as_json["heads"]["4"]) == {"agreement", "n", "entropy", "gate"}
+    assert set(as_json["cascade"]["gate"]) == {"ltt", "empirical"}
+    assert Calibration.from_dict(as_json) == cal
+
+    held = check_held_out(cal, *make_labels(rng, 4000))
+    assert {(r.predictor, r.head) for r in held} == {(p, h) for p in ("entropy", "gate") for h in (4, 8)}
+    assert all(isinstance(r, HeldOutCheck) and r.n == 4000 for r in held)
+    checked = cal.with_held_out(held)
+    row = json.loads(json.dumps(checked.to_dict()))["held_out"][0]
+    assert list(row)[:3] == ["predictor", "head", "level"]
+    assert Calibration.from_dict(json.loads(json.dumps(checked.to_dict()))) == checked
+
+
+def test_calibrate_exits_reference_and_max_tokens(rng):
+    labels, _ = make_labels(rng, 6000)
+    cal = calibrate_exits(labels, None, [4, 8], 16, CAL_CFG.model_copy(update={"reference": "true", "max_tokens": 5000}))
+    assert cal.n == 5000 and cal.reference == "true" and cal.predictors == ["entropy"]
+    keep = np.flatnonzero(labels.has_target)[:5000]
+    assert cal.heads[4].agreement == pytest.approx(labels.correct_true[4][keep].mean())
+    with pytest.raises(CalibrationError, match="'gate' was not calibrated"):
+        cal.chosen("gate")
+    entropy_only = check_held_out(cal, *make_labels(rng, 3000))  # gate scores given but not calibrated: ignored
+    assert {r.predictor for r in entropy_only} == {"entropy"}
+    assert all(r.n == 3000 - 60 for r in entropy_only)  # reference "true": tokens with a next token only
+
+
+def test_calibrate_exits_names_bad_inputs(rng):
+    labels, probs = make_labels(rng, 3000)
+    with pytest.raises(CalibrationError, match="no labels for heads \\[5\\]"):
+        calibrate_exits(labels, probs, [4, 5], 16, CAL_CFG)
+    with pytest.raises(CalibrationError, match="no gate scores for heads \\[8\\]"):
+        calibrate_exits(labels, {4: probs[4]}, [4, 8], 16, CAL_CFG)
+    with pytest.raises(CalibrationError, match="shapes"):
+        calibrate_exits(labels, {4: probs[4][:10], 8: probs[8]}, [4, 8], 16, CAL_CFG)
+    with pytest.raises(CalibrationError, match="too few"):
+        calibrate_exits(make_labels(rng, 100)[0], None, [4, 8], 16, CAL_CFG.model_copy(update={"levels": [0.99]}))
+    cal = calibrate_exits(labels, probs, [4, 8], 16, CAL_CFG)
+    with pytest.raises(CalibrationError, match="no gate scores were given"):
+        check_held_out(cal, labels, None)
+    with pytest.raises(CalibrationError, match="not a calibration"):
+        Calibration.from_dict({"levels": [0.9]})
+
+
+def test_held_out_rows_written_with_layer_are_read():
+    row = {"layer": 4, "predictor": "entropy", "level": 0.9, "threshold": 1.0, "n": 10, "n_exited": 5,
+           "exit_rate": 0.5, "accuracy": 1.0, "met": True, "p_below": 1.0, "held": True, "calib_exit_rate": 0.5,
+           "calib_accuracy": 0.95}
+    check = HeldOutCheck.from_dict(row)
+    assert check.head == 4 and check.predictor == "entropy" and check.to_dict()["head"] == 4

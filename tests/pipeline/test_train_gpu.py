@@ -10,9 +10,10 @@ import torch
 
 from pipeline.config import GatesConfig, HeadsConfig
 from pipeline.heads import load_heads
-from pipeline.teacher import TeacherWeights
-from pipeline.teacher import TeacherTopK, compute_teacher_topk
-from pipeline.train import evaluate_heads, logit_lens, train_gates, train_heads
+from pipeline.scoring import evaluate_heads, logit_lens
+from pipeline.teacher import TeacherTopK, TeacherWeights, compute_teacher_topk
+from pipeline.train_gates import train_gates
+from pipeline.train_heads import train_heads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
