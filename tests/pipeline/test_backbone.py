@@ -20,6 +20,7 @@ from pipeline.backbone import (
     sha256_file,
 )
 from pipeline.config import ModelConfig
+from pipeline.teacher import TeacherWeights
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,16 @@ def test_hidden_states_match_the_full_model(tiny):
 
 def test_teacher_weights_are_plain_fp32_copies(tiny):
     tw = tiny.teacher_weights()
-    assert set(tw) == {"final_norm.weight", "lm_head.weight"}
-    assert tw["lm_head.weight"].shape == (384, 64) and tw["final_norm.weight"].shape == (64,)
-    for t in tw.values():
+    assert isinstance(tw, TeacherWeights)
+    tensors, metadata = tw.to_state()
+    assert set(tensors) == {"final_norm.weight", "lm_head.weight"}
+    assert tw.lm_head.shape == (384, 64) and tw.final_norm.shape == (64,)
+    assert (tw.norm_kind, tw.norm_weight_offset, tw.final_norm_bias, tw.lm_head_bias) == ("rms", 0.0, None, None)
+    assert tw.norm_eps == tiny.final_norm.variance_epsilon
+    for t in tensors.values():
         assert t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-    torch.testing.assert_close(tw["lm_head.weight"], tiny.model.lm_head.weight)
+    torch.testing.assert_close(tw.lm_head, tiny.model.lm_head.weight)
+    assert tw.lm_head.data_ptr() != tiny.model.lm_head.weight.data_ptr(), "a copy, never the backbone's tensor"
     # Rebuilding the norm from the exported weight and eps reproduces the model's logits.
     ids = _ids(tiny)
     seen = []
@@ -72,8 +78,9 @@ def test_teacher_weights_are_plain_fp32_copies(tiny):
     logits = tiny.model(ids).logits  # [batch, seq, vocab]
     hook.remove()
     x = seen[0]  # [batch, seq, hidden]: the last block's output, before the final norm
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + tiny.final_norm_eps) * tw["final_norm.weight"]
-    torch.testing.assert_close(normed @ tw["lm_head.weight"].T, logits, rtol=1e-4, atol=1e-4)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + tw.norm_eps) * tw.final_norm
+    torch.testing.assert_close(normed @ tw.lm_head.T, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tw.lens_logits(x.reshape(-1, 64)), logits.reshape(-1, 384), rtol=1e-4, atol=1e-4)
 
 
 def test_check_layers_names_the_bad_layers_and_the_range(tiny):
@@ -197,7 +204,7 @@ def test_bitsandbytes_quantization_runs_on_cpu(tiny, tiny_model_dir, quantizatio
     err = (_dequantized_weight(layer) - ref).abs().max().item()
     assert err < {"8bit": 2e-3, "4bit": 2e-2}[quantization]
     # The head and norm stay unquantized, so the teacher is exact.
-    torch.testing.assert_close(q.teacher_weights()["lm_head.weight"], tiny.teacher_weights()["lm_head.weight"])
+    torch.testing.assert_close(q.teacher_weights().lm_head, tiny.teacher_weights().lm_head)
     ids = _ids(tiny)
     states, final = q.hidden_states(ids, [2])
     _, ref_final = tiny.hidden_states(ids, [2])
@@ -218,12 +225,16 @@ def test_embedded_model_loads_and_its_head_reproduces_logits():
     states, final = b.hidden_states(ids, [6, 24])  # [1, seq, 576] each
     logits = b.model(ids).logits  # [1, seq, vocab]
     tw = b.teacher_weights()
-    torch.testing.assert_close(final @ tw["lm_head.weight"].T, logits, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(final @ tw.lm_head.T, logits, rtol=1e-4, atol=1e-3)
+    assert (tw.norm_kind, tw.norm_weight_offset) == ("rms", 0.0)
+    assert tw.norm_eps == pytest.approx(1e-5)  # GGUF stores eps as float32: 9.9999997e-06, read as is
     assert states[6].shape == (1, ids.shape[1], 576)
 
 
-def test_norms_that_weights_cannot_rebuild_are_refused():
-    from pipeline.backbone import _check_plain_norm
+def test_one_plus_weight_norms_are_read_not_refused():
+    """Gemma's `(1 + weight)` RMSNorm was refused while heads assumed `weight * rms_norm(x)`;
+    the norm is now read with its offset (more families in test_norm.py)."""
+    from pipeline.norm import describe_norm
 
     class OnePlusNorm(torch.nn.Module):  # Gemma-style: scales by (1 + weight)
         def __init__(self):
@@ -234,9 +245,9 @@ def test_norms_that_weights_cannot_rebuild_are_refused():
         def forward(self, x):
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
 
-    with pytest.raises(BackboneError, match="OnePlusNorm is neither RMSNorm"):
-        _check_plain_norm(OnePlusNorm())
-    _check_plain_norm(torch.nn.LayerNorm(8))
+    spec = describe_norm(OnePlusNorm())
+    assert (spec.kind, spec.weight_offset, spec.eps) == ("rms", 1.0, 1e-6)
+    assert describe_norm(torch.nn.LayerNorm(8)).kind == "layer"
 
 
 def test_identity_and_tokenizer_without_loading_weights(tiny_model_dir):

@@ -9,9 +9,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from pipeline.config import GatesConfig
+from pipeline.norm import FinalNorm
+from pipeline.teacher import TeacherWeights
 from pipeline.gates import (
     ExitGate,
     build_gates,
+    gates_state_dict,
+    load_gates,
     exit_decision_cost,
     expected_exit_layer,
     gate_loss,
@@ -25,9 +29,17 @@ from pipeline.gates import (
 
 
 
+def make_teacher(hidden: int, norm_kind: str = "rms", norm_bias: bool = False, seed: int = 0) -> TeacherWeights:
+    g = torch.Generator().manual_seed(seed)
+    bias = 0.3 * torch.randn(hidden, generator=g) if norm_bias else None
+    return TeacherWeights(lm_head=torch.randn(10, hidden, generator=g),
+                          final_norm=1 + 0.5 * torch.randn(hidden, generator=g), norm_kind=norm_kind, final_norm_bias=bias)
+
+
 def test_architecture():
-    gate = ExitGate(64, hidden_ratio=4, layer=6)
-    assert isinstance(gate.norm, nn.LayerNorm) and gate.norm.normalized_shape == (64,)
+    teacher = make_teacher(64)
+    gate = ExitGate(teacher, hidden_ratio=4, layer=6)
+    assert isinstance(gate.norm, FinalNorm) and gate.norm.weight.shape == (64,)
     first, act, last = gate.mlp
     assert isinstance(first, nn.Linear) and (first.in_features, first.out_features) == (64, 16)
     assert isinstance(act, nn.ReLU)
@@ -36,8 +48,38 @@ def test_architecture():
     assert gate(h).shape == (5,) and gate(h).dtype == torch.float32
     torch.testing.assert_close(gate.exit_probability(h), torch.sigmoid(gate(h)))
 
-    gates = build_gates(GatesConfig(hidden_ratio=8), [6, 12], 64)
+    gates = build_gates(GatesConfig(hidden_ratio=8), [6, 12], teacher)
     assert list(gates) == ["6", "12"] and gates["12"].mlp[0].out_features == 8 and gates["12"].layer == 12
+    with pytest.raises(TypeError, match="TeacherWeights"):
+        build_gates(GatesConfig(), [6], 64)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("norm_kind, norm_bias", [("rms", False), ("layer", True), ("layer", False)])
+def test_gate_norm_is_a_trainable_copy_of_the_final_norm(norm_kind, norm_bias):
+    """Gates read the same normalised state as heads and the logit lens, each with its own copy."""
+    teacher = make_teacher(32, norm_kind, norm_bias)
+    gates = build_gates(GatesConfig(), [2, 4], teacher)
+    h = 3 * torch.randn(7, 32) + 1
+    for gate in gates.values():
+        torch.testing.assert_close(gate.norm(h), teacher.apply_norm(h))
+        assert gate.norm.weight.requires_grad and gate.norm.weight.data_ptr() != teacher.final_norm.data_ptr()
+    assert gates["2"].norm.weight.data_ptr() != gates["4"].norm.weight.data_ptr()
+    assert ("2.norm.bias" in gates_state_dict(gates)) == norm_bias
+
+
+def test_save_load_round_trip_and_mismatched_teacher():
+    teacher = make_teacher(32, "layer", norm_bias=True)
+    cfg = GatesConfig(hidden_ratio=8)
+    gates = build_gates(cfg, [2, 4], teacher)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.add_(torch.randn_like(p))
+    loaded = load_gates(cfg, teacher, gates_state_dict(gates))
+    h = torch.randn(5, 32)
+    for key in gates:
+        assert torch.equal(gates[key](h), loaded[key](h))
+    with pytest.raises(ValueError, match="does not fit a gate on this teacher.*rms norm"):
+        load_gates(cfg, make_teacher(32), gates_state_dict(gates))
 
 
 def test_straight_through_bernoulli():
@@ -154,7 +196,7 @@ def test_gate_learns_a_feature_rule(sampling):
         )  # [n, K]
         return hs, correct
 
-    gates = build_gates(cfg, layers, hidden)
+    gates = build_gates(cfg, layers, make_teacher(hidden))
     opt = torch.optim.AdamW(gates.parameters(), lr=3e-3)
     train_h, train_c = batch(2048)
     gen = torch.Generator().manual_seed(0)

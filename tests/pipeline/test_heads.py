@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,7 +27,16 @@ KINDS = ["linear", "adapter"]
 
 
 
-def make_teacher(hidden: int = H, vocab: int = V, bias: bool = False, seed: int = 0) -> TeacherWeights:
+NORMS = {  # name -> (kind, weight offset, norm bias): every convention heads must rebuild
+    "rms": ("rms", 0.0, False),
+    "layer_bias": ("layer", 0.0, True),
+    "layer": ("layer", 0.0, False),
+    "gemma": ("rms", 1.0, False),
+}
+
+
+def make_teacher(hidden: int = H, vocab: int = V, bias: bool = False, seed: int = 0,
+                 norm: str = "rms") -> TeacherWeights:
     g = torch.Generator().manual_seed(seed)
     d = {
         "lm_head.weight": torch.randn(vocab, hidden, generator=g) / hidden**0.5,
@@ -34,13 +44,26 @@ def make_teacher(hidden: int = H, vocab: int = V, bias: bool = False, seed: int 
     }
     if bias:
         d["lm_head.bias"] = torch.randn(vocab, generator=g)
-    return TeacherWeights.from_dict(d)
+    teacher = TeacherWeights.from_dict(d)
+    if norm == "rms":
+        return teacher
+    kind, offset, norm_bias = NORMS[norm]
+    return replace(teacher, norm_kind=kind, norm_weight_offset=offset, norm_eps=1e-6,
+                   final_norm_bias=0.3 * torch.randn(hidden, generator=g) if norm_bias else None)
+
+
+def reference_norm(h: torch.Tensor, teacher: TeacherWeights) -> torch.Tensor:
+    """The final norm written out per convention, independently of pipeline.norm."""
+    if teacher.norm_kind == "layer":
+        h = h - h.mean(-1, keepdim=True)
+    x = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + teacher.norm_eps) * (teacher.final_norm
+                                                                                + teacher.norm_weight_offset)
+    return x if teacher.final_norm_bias is None else x + teacher.final_norm_bias
 
 
 def logit_lens(h: torch.Tensor, teacher: TeacherWeights) -> torch.Tensor:
-    """Reference: the backbone's final RMSNorm and LM head applied to an intermediate state."""
-    x = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + teacher.norm_eps) * teacher.final_norm
-    out = x @ teacher.lm_head.T
+    """Reference: the backbone's final norm and LM head applied to an intermediate state."""
+    out = reference_norm(h, teacher) @ teacher.lm_head.T
     return out if teacher.lm_head_bias is None else out + teacher.lm_head_bias
 
 
@@ -67,29 +90,34 @@ def test_shapes(teacher, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_init_equals_logit_lens(kind, bias):
-    teacher = make_teacher(bias=bias)
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_init_equals_logit_lens(kind, bias, norm):
+    teacher = make_teacher(bias=bias, norm=norm)
     heads = build_heads(cfg_for(kind), LAYERS, teacher)
-    h = 3.0 * torch.randn(11, H)
+    h = 3.0 * torch.randn(11, H) + 1.0  # a non-zero mean: LayerNorm and RMSNorm differ
     for head in heads.values():
         torch.testing.assert_close(head(h), logit_lens(h, teacher), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head(h), teacher.lens_logits(h), atol=1e-5, rtol=1e-5)
 
 
-def test_adapter_correction_keeps_the_normalised_scale(teacher):
-    """Whatever the adapter learns, its features before the gain keep the final norm's unit
-    RMS, like the teacher's final state: the correction turns the state, it does not change
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_adapter_correction_keeps_the_normalised_scale(norm):
+    """Whatever the adapter learns, its features before the gain and bias keep the final norm's
+    unit RMS, like the teacher's final state: the correction turns the state, it does not change
     the logit temperature as a side effect."""
+    teacher = make_teacher(norm=norm)
     head = build_heads(cfg_for("adapter"), LAYERS, teacher)["2"]
     with torch.no_grad():
         head.up.weight.normal_()
     h = 5.0 * torch.randn(9, H)
-    feats = head.features(h) / teacher.final_norm  # [n, H]
+    bias = 0.0 if teacher.final_norm_bias is None else teacher.final_norm_bias
+    feats = (head.features(h) - bias) / (teacher.final_norm + teacher.norm_weight_offset)  # [n, H]
     torch.testing.assert_close(feats.pow(2).mean(-1), torch.ones(9), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(head.features(h), logit_lens_features(h, teacher))
 
 
 def logit_lens_features(h: torch.Tensor, teacher: TeacherWeights) -> torch.Tensor:
-    return h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + teacher.norm_eps) * teacher.final_norm
+    return reference_norm(h, teacher)
 
 
 def test_half_precision_outliers_stay_finite(teacher):
@@ -111,6 +139,8 @@ def test_adapter_never_trains_or_saves_the_lm_head(teacher):
 
     state = a.trainable_state_dict()
     assert set(state) == {"norm.weight", "down.weight", "up.weight"}
+    with_bias = build_heads(cfg_for("adapter"), LAYERS, make_teacher(norm="layer_bias"))["2"]
+    assert set(with_bias.trainable_state_dict()) == {"norm.weight", "norm.bias", "down.weight", "up.weight"}
     assert sum(t.numel() for t in state.values()) == H + 2 * 4 * H
     assert not any(k.endswith("lm_head.weight") for k in heads_state_dict(heads))
 
@@ -213,7 +243,9 @@ def test_teacher_from_dict_errors():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_save_load_round_trip_is_exact(teacher, kind):
+@pytest.mark.parametrize("norm", ["rms", "layer_bias"])
+def test_save_load_round_trip_is_exact(kind, norm):
+    teacher = make_teacher(norm=norm)
     cfg = cfg_for(kind)
     heads = build_heads(cfg, LAYERS, teacher)
     with torch.no_grad():

@@ -98,3 +98,48 @@ def test_teacher_topk_validates_its_arrays():
         TeacherTopK(ids=np.zeros((3, 2), np.int64), logprobs=np.zeros((3, 2), np.float32))
     with pytest.raises(ValueError, match="differ in shape"):
         TeacherTopK(ids=np.zeros((3, 2), np.int32), logprobs=np.zeros((3, 3), np.float32))
+
+
+# --- TeacherWeights: the norm it carries ------------------------------------------------------
+
+
+def test_default_constructor_still_means_an_rmsnorm():
+    g = torch.Generator().manual_seed(0)
+    w = 1 + 0.5 * torch.randn(H, generator=g)
+    teacher = TeacherWeights(lm_head=torch.randn(V, H, generator=g), final_norm=w, lm_head_bias=None, norm_eps=1e-5)
+    assert (teacher.norm_kind, teacher.norm_weight_offset, teacher.final_norm_bias) == ("rms", 0.0, None)
+    h = 3 * torch.randn(6, H, generator=g) + 1
+    want = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * w  # [n, H]
+    torch.testing.assert_close(teacher.apply_norm(h), want)
+    torch.testing.assert_close(teacher.lens_logits(h), teacher.logits(want))
+
+    norm = teacher.norm_module()
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in norm.parameters())
+    assert norm.weight.data_ptr() != teacher.final_norm.data_ptr(), "a trainable copy, never the teacher's tensor"
+    torch.testing.assert_close(norm(h.half()), teacher.apply_norm(h.half()))
+    with torch.no_grad():
+        norm.weight.add_(1.0)
+    torch.testing.assert_close(teacher.final_norm, w)  # training a copy leaves the teacher frozen
+
+
+def test_to_state_round_trips_a_layernorm_teacher_exactly():
+    g = torch.Generator().manual_seed(1)
+    teacher = TeacherWeights(lm_head=torch.randn(V, H, generator=g), final_norm=torch.randn(H, generator=g),
+                             lm_head_bias=torch.randn(V, generator=g), norm_eps=1.234567e-5,
+                             final_norm_bias=torch.randn(H, generator=g), norm_kind="layer", norm_weight_offset=0.0)
+    tensors, metadata = teacher.to_state()
+    assert set(tensors) == {"lm_head.weight", "lm_head.bias", "final_norm.weight", "final_norm.bias"}
+    back = TeacherWeights.from_state(tensors, metadata)
+    assert back.norm_eps == teacher.norm_eps and back.norm_kind == "layer"
+    for name in ("lm_head", "lm_head_bias", "final_norm", "final_norm_bias"):
+        assert torch.equal(getattr(back, name), getattr(teacher, name))
+    moved = teacher.to("meta")
+    assert moved.final_norm_bias.device.type == "meta" and moved.final_norm.device.type == "meta"
+
+
+def test_invalid_norm_fields_are_reported_together():
+    with pytest.raises(ValueError, match=r"final_norm has shape.*norm kind 'batch' is unknown.*offset 0.5"):
+        TeacherWeights(lm_head=torch.zeros(V, H), final_norm=torch.ones(H + 1), norm_kind="batch",  # type: ignore
+                       norm_weight_offset=0.5)
+    with pytest.raises(ValueError, match=r"norm bias has shape \(3,\)"):
+        TeacherWeights(lm_head=torch.zeros(V, H), final_norm=torch.ones(H), final_norm_bias=torch.zeros(3))
