@@ -89,7 +89,7 @@ def _peak_rss(config: str, tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs/default.yaml"))
+    ap.add_argument("--config", default=None, help="YAML config (default: the built-in defaults)")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per timed pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))

@@ -9,12 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("extract", "train_heads", "train_gates", "calibrate", "all", "recalibrate")
+RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "all", "recalibrate")
 
 EPILOG = """\
 examples:
   exitflow run extract                                   # embedded SmolLM2 on the Python reference
   exitflow run extract --config configs/quick.yaml --set extract.layers=[4,8]
+  exitflow run teacher_topk                              # the train cache's top-k, for the efficient loss
   exitflow run train_heads --set heads.epochs=3         # extracts train/eval first if missing
   exitflow run calibrate --set inputs.heads=3fa2c1     # calibrate given heads
   exitflow run all                                       # extract, train heads + gates, calibrate
@@ -30,9 +31,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from stores.artifacts import StoreError
-    from flows.stages import InputMismatch
+    from flows.stages.base import InputMismatch
     from pipeline.calibrate import CalibrationError
-    from pipeline.train import TrainingDiverged
+    from pipeline.fit import TrainingDiverged
     from stores.cache import CacheError
 
     return (ConfigError, BackboneError, DataError, CacheError, StoreError, InputMismatch, CalibrationError,
@@ -50,6 +51,7 @@ def _human_size(n: float) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from flows.dag import FLOWS
+    from flows.stages.base import PRODUCED_BY
     from stores.artifacts import ArtifactStore
 
     from pipeline.config import load_config
@@ -76,18 +78,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit("error: --data-source applies to `run recalibrate` only")
     result = FLOWS[args.stage](**kwargs)
     store = ArtifactStore(root)
-    keys = {"extract": result} if isinstance(result, str) else {k: v for k, v in result.items() if v}
-    stage_of = {"heads": "train_heads", "gates": "train_gates", "calibration": "calibrate"}
+    keys = {name: key for name, key in result.items() if key}
     for name, key in keys.items():
-        stage = stage_of.get(name, "extract")
+        stage = PRODUCED_BY[name]
         m = store.manifest(stage, key)
         what = f"{m.extra.get('split')} cache, {m.metrics['tokens']} tokens" if stage == "extract" else stage
         print(f"{name:12s} {key}  {what}, {_human_size(store.size(stage, key))}")
     last_name, last_key = list(keys.items())[-1]
-    print(f"path: {store.path(stage_of.get(last_name, 'extract'), last_key)}")
+    print(f"path: {store.path(PRODUCED_BY[last_name], last_key)}")
     if "calibration" in keys:
         print(f"calibration: {store.path('calibrate', keys['calibration']) / 'calibration.json'}")
     return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Every config key with its value and meaning, as YAML a user can copy from."""
+    from pipeline.config import Config, load_config
+
+    cfg = load_config(args.config, args.set)
+    values = cfg.model_dump(mode="json")
+    lines = ["# exitflow configuration: the defaults, with --config/--set applied. A YAML file sets",
+             "# only the keys that differ; `exitflow run STAGE --config FILE --set section.key=value`."]
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        lines += ["", f"{section}:" + (f"  # {_one_line(model.__doc__)}" if model.__doc__ else "")]
+        for name, sub in model.model_fields.items():
+            value = json.dumps(values[section][name])
+            lines.append(f"  {name}: {value}" + (f"  # {_one_line(sub.description)}" if sub.description else ""))
+    print("\n".join(lines))
+    return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -131,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a stage (a cache hit when its inputs are unchanged)",
                          description="Run a stage as a Prefect flow, its upstream stages first "
                          "(cache hits when unchanged). Same inputs: no work.")
-    run.add_argument("stage", choices=STAGES, help="stage to run; `all` runs the whole pipeline")
-    run.add_argument("--config", help="YAML config file (default: built-in defaults, see configs/default.yaml)")
+    run.add_argument("stage", choices=RUNNABLE, help="stage to run; `all` runs the whole pipeline")
+    run.add_argument("--config", help="YAML config file setting what differs from the defaults (`exitflow config` lists them)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set extract.layers=[6,12] (repeatable)")
     run.add_argument("--split", choices=("train", "calib", "eval"), default=None,
@@ -141,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="recalibrate: the data to recalibrate on (e.g. a folder receiving new files); "
                      "default: data.source from the config")
     run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="print every config key with its default (or effective) value and meaning",
+                            description="Print the configuration as YAML with one comment per key: the defaults, "
+                            "or the effective config with --config and --set applied.")
+    config.add_argument("--config", help="YAML config file to apply over the defaults")
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value (repeatable)")
+    config.set_defaults(func=cmd_config)
 
     ls = sub.add_parser("ls", help="list artifacts: stage, key, size, created, inputs")
     ls.add_argument("--stage", default=None, help="only this stage")

@@ -1,10 +1,11 @@
-"""Prefect tasks: each is a few lines around one stage function in :mod:`flows.stages`.
+"""The one Prefect task that runs any stage, and the cache policy it is declared with.
 
-Caching is declared once, here. Prefect's own input hashing is the wrong identity for this
-project (it includes the run id, hashes a Path's string and not the file, and hashes tensors
-differently in two processes), so every task caches on the stage's content key, which the
-flow computes first from the config, the upstream keys and the code version. When the
-artifact a cached key points to was deleted, the flow passes ``refresh_cache=True``.
+Prefect's own input hashing is the wrong identity for this project (it includes the run id,
+hashes a Path's string and not the file, and hashes tensors differently in two processes), so
+the task caches on the stage's content key, which the flow plans first from the config, the
+upstream keys and the code version. When the artifact a cached key points to was deleted, the
+flow passes ``refresh_cache=True``. The task is named after its stage in every call, so the
+Prefect UI shows ``extract``, ``teacher_topk``, ``train_heads``... as tasks of their own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
-from flows import stages
+from flows.stages import make_stage
+from flows.stages.base import Plan, Stage, StageContext, run_stage
 from pipeline.config import Config
 from stores.artifacts import ArtifactStore
 
@@ -30,46 +32,32 @@ class ContentKey(CachePolicy):
 
 CONTENT_KEY = ContentKey()
 
-
-def task_options(store: ArtifactStore, stage: str, key: str) -> dict:
-    """Per-call options: results next to the artifacts, refresh when the artifact is gone."""
-    return {
-        "result_storage": Path(store.root).resolve() / "prefect-results",
-        "refresh_cache": not store.exists(stage, key),
-    }
+_PLANNED: dict[str, Plan] = {}
+"""Plans made by the flow in this process, handed to the task so it does not plan again (an
+extract plan tokenizes the corpus). A task in another process plans again: same key."""
 
 
-@task(name="extract", cache_policy=CONTENT_KEY, persist_result=True, task_run_name="extract-{split}-{key:.12}")
-def extract_task(key: str, config: dict, root: str, split: str) -> str:
-    store = ArtifactStore(root)
-    return _checked(key, stages.run_extract(Config.model_validate(config), store, split))
-
-
-@task(name="train_heads", cache_policy=CONTENT_KEY, persist_result=True, task_run_name="train_heads-{key:.12}")
-def train_heads_task(key: str, config: dict, root: str, cache_key: str, eval_key: str | None) -> str:
-    return _checked(key, stages.run_train_heads(Config.model_validate(config), ArtifactStore(root), cache_key, eval_key))
-
-
-@task(name="train_gates", cache_policy=CONTENT_KEY, persist_result=True, task_run_name="train_gates-{key:.12}")
-def train_gates_task(key: str, config: dict, root: str, cache_key: str, heads_key: str, eval_key: str | None) -> str:
-    return _checked(key, stages.run_train_gates(Config.model_validate(config), ArtifactStore(root), cache_key,
-                                                heads_key, eval_key))
-
-
-@task(name="calibrate", cache_policy=CONTENT_KEY, persist_result=True, task_run_name="calibrate-{key:.12}")
-def calibrate_task(key: str, config: dict, root: str, calib_key: str, heads_key: str, gates_key: str | None,
-                   eval_key: str | None) -> str:
-    return _checked(key, stages.run_calibrate(Config.model_validate(config), ArtifactStore(root), calib_key,
-                                              heads_key, gates_key, eval_key))
-
-
-def _checked(planned: str, produced: str) -> str:
-    if produced != planned:
-        raise RuntimeError(f"stage produced key {produced}, planned {planned}: inputs changed during the run; run again")
+@task(name="stage", cache_policy=CONTENT_KEY, persist_result=True)
+def stage_task(stage: str, params: dict, key: str, config: dict, root: str, inputs: dict[str, str | None]) -> str:
+    ctx = StageContext(Config.model_validate(config), ArtifactStore(root))
+    produced = run_stage(make_stage(stage, **params), ctx, inputs, plan=_PLANNED.pop(key, None))
+    if produced != key:
+        raise RuntimeError(f"{stage} produced key {produced}, planned {key}: inputs changed during the run; run again")
     return produced
 
 
-@task(name="train_heads_online", cache_policy=CONTENT_KEY, persist_result=True,
-      task_run_name="train_heads_online-{key:.12}")
-def train_heads_online_task(key: str, config: dict, root: str, eval_key: str | None) -> str:
-    return _checked(key, stages.run_train_heads_online(Config.model_validate(config), ArtifactStore(root), eval_key))
+def submit(stage: Stage, ctx: StageContext, inputs: dict[str, str | None]) -> str:
+    """Plan `stage` here, then run it as a Prefect task named after it (a cache hit when its
+    artifact exists); returns the artifact key."""
+    plan = stage.plan(ctx, inputs)
+    _PLANNED[plan.key] = plan
+    label = "-".join([stage.name, *map(str, stage.params.values()), plan.key[:12]])
+    try:
+        return stage_task.with_options(
+            name=stage.name, task_run_name=label,
+            result_storage=Path(ctx.store.root).resolve() / "prefect-results",
+            refresh_cache=not ctx.store.exists(stage.name, plan.key),
+        )(stage=stage.name, params=stage.params, key=plan.key, config=ctx.cfg.model_dump(mode="json"),
+          root=str(ctx.store.root), inputs=inputs)
+    finally:
+        _PLANNED.pop(plan.key, None)

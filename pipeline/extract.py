@@ -27,7 +27,9 @@ from pipeline.data import PackedSplit
 log = logging.getLogger(__name__)
 
 # Bump when the extracted values or layout change: it is part of every cache key.
-EXTRACT_CODE_VERSION = "extract-1"
+EXTRACT_CODE_VERSION = "extract-2"
+"""Part of every cache's content key; bump when the cache or its teacher file changes for the
+same inputs (extract-2: the teacher file describes the final norm's type, eps and offset)."""
 
 
 class RowWriter(Protocol):

@@ -25,6 +25,7 @@ EXPECTED = {  # deployment -> flow function
     "recalibrate-nightly": "flows.recalibrate.recalibrate_flow",
     "pipeline": "flows.dag.pipeline_flow",
     "extract": "flows.dag.extract_flow",
+    "teacher-topk": "flows.dag.teacher_topk_flow",
     "train-heads": "flows.dag.train_heads_flow",
     "train-gates": "flows.dag.train_gates_flow",
     "calibrate": "flows.dag.calibrate_flow",
@@ -67,8 +68,7 @@ def test_recalibration_runs_nightly_and_the_rest_on_demand(spec):
     (nightly,) = deps["recalibrate-nightly"]["schedules"]
     assert nightly == {"cron": "0 2 * * *", "timezone": "UTC", "active": True}
     CronSchedule(cron=nightly["cron"], timezone=nightly["timezone"])  # valid for Prefect
-    assert deps["recalibrate-nightly"]["parameters"] == {"config_path": "configs/default.yaml",
-                                                         "data_source": "./data/incoming"}
+    assert deps["recalibrate-nightly"]["parameters"] == {"data_source": "./data/incoming"}
     assert all(d["schedules"] == [] for n, d in deps.items() if n != "recalibrate-nightly")
 
 
@@ -158,7 +158,7 @@ def test_deploy_all_creates_an_active_nightly_schedule(deployed):
     assert not nightly["paused"] and nightly["work_pool_name"] == POOL
     (sched,) = nightly["schedules"]
     assert sched["active"] and sched["schedule"]["cron"] == "0 2 * * *" and sched["schedule"]["timezone"] == "UTC"
-    assert nightly["parameters"] == {"config_path": "configs/default.yaml", "data_source": "./data/incoming"}
+    assert nightly["parameters"] == {"data_source": "./data/incoming"}
     assert set(nightly["parameter_openapi_schema"]["properties"]) == {"config_path", "overrides", "root", "data_source"}
     # the repo location is the worker's, read when a run starts, not baked in at deploy time
     assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":

@@ -15,14 +15,23 @@ import numpy as np
 import pytest
 import torch
 
-from flows import stages
+from flows.stages.base import StageContext, run_stage
+from flows.stages.extract import ExtractStage, cache_path, load_teacher
 from pipeline.backbone import BackboneError, load_backbone
 from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError
 from stores.artifacts import ArtifactStore, StoreError
-from stores.cache import CacheMismatchError, CacheReader, load_tensors
+from stores.cache import CacheMismatchError, CacheReader
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_extract(cfg, store, split=None) -> str:
+    return run_stage(ExtractStage(split or cfg.extract.split), StageContext(cfg, store, progress=False), {})
+
+
+def plan_extract(cfg, store, split=None):
+    return ExtractStage(split or cfg.extract.split).plan(StageContext(cfg, store, progress=False), {})
 
 
 def _cfg(model_dir: Path, corpus: Path, *extra: str, layers: str = "[1,2,3]"):
@@ -36,8 +45,8 @@ def _cfg(model_dir: Path, corpus: Path, *extra: str, layers: str = "[1,2,3]"):
 def test_cache_equals_output_hidden_states(tmp_path, tiny_model_dir, corpus_dir):
     cfg = _cfg(tiny_model_dir, corpus_dir)
     store = ArtifactStore(tmp_path)
-    key = stages.run_extract(cfg, store, progress=False)
-    reader = CacheReader(stages.cache_path(store, key))
+    key = run_extract(cfg, store)
+    reader = CacheReader(cache_path(store, key))
     assert reader.num_tokens % 32 == 0 and reader.num_tokens > 1000
 
     bb = load_backbone(cfg.model)
@@ -53,8 +62,8 @@ def test_cache_equals_output_hidden_states(tmp_path, tiny_model_dir, corpus_dir)
     # targets are the next token; the teacher is rebuildable from the stored pieces
     stream_ids = reader.column("input_ids")
     np.testing.assert_array_equal(reader.column("targets")[:-1], stream_ids[1:])
-    teacher = load_tensors(stages.teacher_path(store, key))
-    logits = torch.from_numpy(reader.hidden("final", slice(0, 32))) @ teacher["lm_head.weight"].T
+    teacher = load_teacher(store, key)
+    logits = teacher.logits(torch.from_numpy(reader.hidden("final", slice(0, 32))))
     with torch.no_grad():
         want_logits = bb.model(torch.from_numpy(ids[:1])).logits[0]
     assert torch.allclose(logits, want_logits, atol=2e-2)
@@ -64,8 +73,8 @@ def test_cache_equals_output_hidden_states(tmp_path, tiny_model_dir, corpus_dir)
 
 def test_same_inputs_same_key_any_change_new_key(tmp_path, tiny_model_dir, corpus_dir):
     store = ArtifactStore(tmp_path)
-    base, _, _ = stages.plan_extract(_cfg(tiny_model_dir, corpus_dir), store)
-    again, _, _ = stages.plan_extract(_cfg(tiny_model_dir, corpus_dir), store)
+    base = plan_extract(_cfg(tiny_model_dir, corpus_dir), store)
+    again = plan_extract(_cfg(tiny_model_dir, corpus_dir), store)
     assert base.key == again.key
     changed = [
         _cfg(tiny_model_dir, corpus_dir, layers="[1,2]"),
@@ -75,10 +84,10 @@ def test_same_inputs_same_key_any_change_new_key(tmp_path, tiny_model_dir, corpu
         _cfg(tiny_model_dir, corpus_dir, "model.dtype=bfloat16"),
         _cfg(tiny_model_dir, corpus_dir, "data.seed=1"),
     ]
-    keys = {stages.plan_extract(c, store)[0].key for c in changed}
+    keys = {plan_extract(c, store).key for c in changed}
     assert base.key not in keys and len(keys) == len(changed)
     # the batch size does not change a single value: same key
-    assert stages.plan_extract(_cfg(tiny_model_dir, corpus_dir, "extract.batch_size=2"), store)[0].key == base.key
+    assert plan_extract(_cfg(tiny_model_dir, corpus_dir, "extract.batch_size=2"), store).key == base.key
 
 
 def test_changed_data_or_weights_change_the_key(tmp_path, tiny_model_dir, corpus_dir):
@@ -87,12 +96,12 @@ def test_changed_data_or_weights_change_the_key(tmp_path, tiny_model_dir, corpus
     corpus2 = tmp_path / "corpus2"
     shutil.copytree(corpus_dir, corpus2)
     store = ArtifactStore(tmp_path / "root")
-    k1 = stages.plan_extract(_cfg(tiny_model_dir, corpus2), store)[0].key
+    k1 = plan_extract(_cfg(tiny_model_dir, corpus2), store).key
     (corpus2 / "doc000.txt").write_text((corpus2 / "doc000.txt").read_text() + " changed")
-    k2 = stages.plan_extract(_cfg(tiny_model_dir, corpus2), store)[0].key
+    k2 = plan_extract(_cfg(tiny_model_dir, corpus2), store).key
     model2 = tmp_path / "model2"
     shutil.copytree(tiny_model_dir, model2)
-    k3 = stages.plan_extract(_cfg(model2, corpus2), store)[0].key
+    k3 = plan_extract(_cfg(model2, corpus2), store).key
     assert k3 == k2  # same weights elsewhere: same identity
     from safetensors.torch import load_file, save_file
 
@@ -100,15 +109,15 @@ def test_changed_data_or_weights_change_the_key(tmp_path, tiny_model_dir, corpus
     name = next(iter(w))
     w[name] = w[name] + 1e-3
     save_file(w, model2 / "model.safetensors", metadata={"format": "pt"})
-    k4 = stages.plan_extract(_cfg(model2, corpus2), store)[0].key
+    k4 = plan_extract(_cfg(model2, corpus2), store).key
     assert len({k1, k2, k4}) == 3
 
 
 def _extract_cmd(root: Path, model: Path, corpus: Path, *extra: str) -> list[str]:
     code = (
-        "import sys; from flows import stages; from pipeline.config import load_config; "
+        "import sys; from flows.stages.base import StageContext, run_stage; from flows.stages.extract import ExtractStage; from pipeline.config import load_config; "
         "from stores.artifacts import ArtifactStore; "
-        "cfg = load_config(None, sys.argv[2:]); print(stages.run_extract(cfg, ArtifactStore(sys.argv[1]), progress=False))"
+        "cfg = load_config(None, sys.argv[2:]); print(run_stage(ExtractStage(cfg.extract.split), StageContext(cfg, ArtifactStore(sys.argv[1]), progress=False), {}))"
     )
     return [sys.executable, "-c", code, str(root), f"model.source={model}", f"data.source={corpus}",
             "data.seq_len=32", "extract.layers=[1,2,3]", "extract.batch_size=2", "extract.chunk_tokens=64", "extract.max_tokens=8192",
@@ -152,8 +161,8 @@ def test_resume_after_kill_equals_clean_run(tmp_path, tiny_model_dir):
 
     clean = subprocess.run(_extract_cmd(clean_root, tiny_model_dir, corpus), env=env, capture_output=True, text=True, check=True)
     assert clean.stdout.strip().splitlines()[-1] == key
-    a = CacheReader(stages.cache_path(store, key))
-    b = CacheReader(stages.cache_path(ArtifactStore(clean_root), key))
+    a = CacheReader(cache_path(store, key))
+    b = CacheReader(cache_path(ArtifactStore(clean_root), key))
     for name in ["layer_1", "layer_2", "layer_3", "final"]:
         np.testing.assert_array_equal(a.hidden(name), b.hidden(name))
     for name in ["input_ids", "targets", "doc_ids", "positions"]:
@@ -162,12 +171,12 @@ def test_resume_after_kill_equals_clean_run(tmp_path, tiny_model_dir):
 
 def test_int8_and_bfloat16_caches(tmp_path, tiny_model_dir, corpus_dir):
     store = ArtifactStore(tmp_path)
-    k16 = stages.run_extract(_cfg(tiny_model_dir, corpus_dir), store, progress=False)
-    k8 = stages.run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.storage_dtype=int8"), store, progress=False)
-    kb = stages.run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.storage_dtype=bfloat16"), store, progress=False)
-    ref = CacheReader(stages.cache_path(store, k16)).hidden("layer_2")
-    q = CacheReader(stages.cache_path(store, k8)).hidden("layer_2")
-    bf = CacheReader(stages.cache_path(store, kb)).hidden("layer_2")
+    k16 = run_extract(_cfg(tiny_model_dir, corpus_dir), store)
+    k8 = run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.storage_dtype=int8"), store)
+    kb = run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.storage_dtype=bfloat16"), store)
+    ref = CacheReader(cache_path(store, k16)).hidden("layer_2")
+    q = CacheReader(cache_path(store, k8)).hidden("layer_2")
+    bf = CacheReader(cache_path(store, kb)).hidden("layer_2")
     scale = np.abs(ref).max(axis=1, keepdims=True) / 127
     assert np.all(np.abs(q - ref) <= scale * 0.51 + 1e-2 * np.abs(ref))
     assert np.allclose(bf, ref, rtol=1e-2, atol=1e-2)
@@ -178,36 +187,36 @@ def test_int8_and_bfloat16_caches(tmp_path, tiny_model_dir, corpus_dir):
 def test_bad_inputs_name_the_value_and_leave_nothing_complete(tmp_path, tiny_model_dir, corpus_dir):
     store = ArtifactStore(tmp_path)
     with pytest.raises(BackboneError, match="does not exist"):
-        stages.run_extract(_cfg(tmp_path / "no-such-model", corpus_dir), store, progress=False)
+        run_extract(_cfg(tmp_path / "no-such-model", corpus_dir), store)
     with pytest.raises(BackboneError, match=r"\b4\b"):
-        stages.run_extract(_cfg(tiny_model_dir, corpus_dir, layers="[2,4]"), store, progress=False)
+        run_extract(_cfg(tiny_model_dir, corpus_dir, layers="[2,4]"), store)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("   ")
     with pytest.raises(DataError):
-        stages.run_extract(_cfg(tiny_model_dir, empty), store, progress=False)
+        run_extract(_cfg(tiny_model_dir, empty), store)
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"body": "hello world"}\n')
     with pytest.raises(DataError, match="body"):
-        stages.run_extract(_cfg(tiny_model_dir, jsonl), store, progress=False)
+        run_extract(_cfg(tiny_model_dir, jsonl), store)
     with pytest.raises(BackboneError, match="1024"):
-        stages.run_extract(_cfg(tiny_model_dir, corpus_dir, "data.seq_len=1024"), store, progress=False)
+        run_extract(_cfg(tiny_model_dir, corpus_dir, "data.seq_len=1024"), store)
     assert not list(store.iter_manifests())
 
 
 def test_staging_folder_of_other_inputs_is_refused(tmp_path, tiny_model_dir, corpus_dir):
     store = ArtifactStore(tmp_path)
     cfg = _cfg(tiny_model_dir, corpus_dir)
-    other = stages.run_extract(_cfg(tiny_model_dir, corpus_dir, layers="[1,2]"), store, progress=False)
-    plan, _, _ = stages.plan_extract(cfg, store)
+    other = run_extract(_cfg(tiny_model_dir, corpus_dir, layers="[1,2]"), store)
+    plan = plan_extract(cfg, store)
     # a cache folder copied over from another run sits where ours would resume
     import shutil
 
-    shutil.copytree(stages.cache_path(store, other), store.staging("extract", plan.key) / "cache.zarr")
+    shutil.copytree(cache_path(store, other), store.staging("extract", plan.key) / "cache.zarr")
     (store.staging("extract", plan.key) / "cache.zarr" / "progress.json").write_text(
         json.dumps({"rows_done": 0, "num_tokens": 0, "complete": False}))
     with pytest.raises(CacheMismatchError, match=other[:12]):
-        stages.run_extract(cfg, store, progress=False)
+        run_extract(cfg, store)
 
 
 def test_non_finite_hidden_states_stop_the_stage(tmp_path, tiny_model_dir, corpus_dir, monkeypatch):
@@ -224,7 +233,7 @@ def test_non_finite_hidden_states_stop_the_stage(tmp_path, tiny_model_dir, corpu
     monkeypatch.setattr(bb_mod.Backbone, "hidden_states", overflowing)
     store = ArtifactStore(tmp_path)
     with pytest.raises(NonFiniteError, match="bfloat16"):
-        stages.run_extract(_cfg(tiny_model_dir, corpus_dir), store, progress=False)
+        run_extract(_cfg(tiny_model_dir, corpus_dir), store)
     assert not list(store.iter_manifests())
 
 

@@ -42,20 +42,30 @@ def test_extract_flow_caches_on_content_key_and_refreshes(prefect_env, tmp_path,
     root = str(tmp_path / "root")
     ov = _overrides(tiny_model_dir, corpus_dir)
     first = extract_flow(overrides=ov, root=root, return_state=True)
-    key = first.result()
+    key = first.result()["train_cache"]
     second = extract_flow(overrides=ov, root=root, return_state=True)
-    assert second.result() == key
+    assert second.result() == {"train_cache": key}
     states = _task_states(second.state_details.flow_run_id)
     assert list(states.values()) == ["Cached"], states
     # the artifact is gone: the cached Prefect result must not hide that
     store = ArtifactStore(root)
     shutil.rmtree(store.path("extract", key))
     third = extract_flow(overrides=ov, root=root, return_state=True)
-    assert third.result() == key and store.exists("extract", key)
+    assert third.result() == {"train_cache": key} and store.exists("extract", key)
     assert list(_task_states(third.state_details.flow_run_id).values()) == ["Completed"]
     # a changed input is a new key and a new run
     other = extract_flow(overrides=ov + ["extract.layers=[1,3]"], root=root)
-    assert other != key
+    assert other["train_cache"] != key
+
+
+def test_teacher_topk_is_a_task_of_its_own(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
+    from flows.dag import teacher_topk_flow
+
+    root = str(tmp_path / "root")
+    state = teacher_topk_flow(overrides=_overrides(tiny_model_dir, corpus_dir), root=root, return_state=True)
+    keys = state.result()
+    names = sorted(_task_states(state.state_details.flow_run_id))
+    assert names == sorted([f"extract-train-{keys['train_cache'][:12]}", f"teacher_topk-{keys['teacher_topk'][:12]}"])
 
 
 def test_cli_run_ls_show(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
@@ -64,7 +74,7 @@ def test_cli_run_ls_show(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
     sets = [a for o in _overrides(tiny_model_dir, corpus_dir) for a in ("--set", o)]
     run = subprocess.run(exe + ["run", "extract", *sets], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    key = next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("extract"))
+    key = next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("train_cache"))
     assert "path:" in run.stdout
     ls = subprocess.run(exe + ["ls"], env=env, capture_output=True, text=True, check=True)
     assert key[:16] in ls.stdout and "extract" in ls.stdout and "STAGE" in ls.stdout

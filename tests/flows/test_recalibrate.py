@@ -131,7 +131,7 @@ def test_new_documents_promote_iff_held_out_checks_are_met(site):
 
     folder = store.path("recalibrate", out["recalibrate"])
     drift = json.loads((folder / "drift.json").read_text())
-    rows = {(r["predictor"], r["layer"], r["level"]): r for r in drift["drift"]}
+    rows = {(r["predictor"], r["head"], r["level"]): r for r in drift["drift"]}
     assert set(rows) == {(p, h, lv) for p in ("entropy", "gate") for h in LAYERS for lv in LEVELS}
     for r in rows.values():
         for k in ("shift", "exit_rate_change", "accuracy_change", "held_out_met", "held_out_held"):
@@ -149,7 +149,8 @@ def test_new_documents_promote_iff_held_out_checks_are_met(site):
     ui = _ui_artifacts(run_id)
     assert ui["recalibration-drift"].type == "table" and ui["recalibration-decision"].type == "markdown"
     table = json.loads(ui["recalibration-drift"].data)  # the server keeps a table as a JSON string
-    assert {(r["predictor"], r["layer"], r["level"]) for r in table} == set(rows)
+    assert {(r["predictor"], r["head"], r["level"]) for r in table} == set(rows)
+    assert list(table[0])[:6] == ["predictor", "head", "level", "old_threshold", "new_threshold", "shift"]
 
     # the same data again: unchanged if it was promoted, else the same verdict from the cache
     again, run_id = _recalibrate(root, data, ov)
@@ -162,28 +163,28 @@ def test_new_documents_promote_iff_held_out_checks_are_met(site):
 
 
 def test_a_failed_held_out_check_keeps_the_current_calibration(site, monkeypatch):
-    import pipeline.calibrate as calibrate
+    from dataclasses import replace
+
+    import flows.stages.calibrate as calibrate
     from stores.artifacts import ArtifactStore
 
     root, data, ov, keys = site
     store = ArtifactStore(root)
     real = calibrate.check_held_out
 
-    def head_2_misses_level_08(calibration, labels, gate_probs, predictor="entropy"):
-        rows = real(calibration, labels, gate_probs, predictor)
-        for r in rows:
-            if (r["layer"], r["predictor"], r["level"]) == (2, "entropy", 0.8):
-                r.update(accuracy=0.61, met=False, held=False, p_below=1e-6)
-        return rows
+    def head_2_misses_level_08(calibration, labels, gate_probs, predictor=None):
+        return [replace(r, accuracy=0.61, met=False, held=False, p_below=1e-6)
+                if (r.head, r.predictor, r.level) == (2, "entropy", 0.8) else r
+                for r in real(calibration, labels, gate_probs, predictor)]
 
-    monkeypatch.setattr(calibrate, "check_held_out", head_2_misses_level_08)  # run_calibrate imports it per call
+    monkeypatch.setattr(calibrate, "check_held_out", head_2_misses_level_08)
     out, _ = _recalibrate(root, data, [*ov, "calibrate.seed=1"])  # new thresholds on the same data
     assert out["calibration"] != keys["calibration"] and out["promoted"] is False
     assert "head 2 entropy level 0.8: held-out accuracy 0.6100 < target 0.8" in out["reason"], out["reason"]
     assert f"kept the current calibration {keys['calibration'][:12]}" in out["reason"]
     assert store.get_pointer("current")["key"] == keys["calibration"]
     drift = json.loads((store.path("recalibrate", out["recalibrate"]) / "drift.json").read_text())
-    assert drift["promote"] is False and (2, "entropy", 0.8) in {(r["layer"], r["predictor"], r["level"])
+    assert drift["promote"] is False and (2, "entropy", 0.8) in {(r["head"], r["predictor"], r["level"])
                                                                  for r in drift["failures"]}
     again, run_id = _recalibrate(root, data, [*ov, "calibrate.seed=1"])  # the same verdict, from the cache
     assert again == out
@@ -212,13 +213,15 @@ def test_heads_named_in_the_config_bootstrap_the_first_current(site):
 
 
 def test_promotion_leaves_a_pointer_that_moved_meanwhile(tmp_path):
+    from types import SimpleNamespace
+
     from flows.recalibrate import _Deployed, _promote
     from stores.artifacts import ArtifactStore
 
     store = ArtifactStore(tmp_path)
     a, b, c = "a" * 64, "b" * 64, "c" * 64
     deployed = _Deployed(heads="h" * 64, gates=None, previous=a, source="test")
-    outcome = {"promote": True, "reason": "all met", "calibration": c}
+    outcome = SimpleNamespace(promote=True, reason="all met", calibration=c)
     store.set_pointer("current", "calibrate", b)  # another run promoted b after this one read a
     promoted, reason = _promote(store, deployed, outcome, "r" * 64)
     assert not promoted and f"moved to {b[:12]}" in reason and store.get_pointer("current")["key"] == b

@@ -6,9 +6,22 @@ import json
 
 import pytest
 
-from flows import stages
+from flows.stages.base import InputMismatch, StageContext, run_stage
+from flows.stages.calibrate import CalibrateStage
+from flows.stages.extract import ExtractStage, resolve_cache
+from flows.stages.teacher_topk import TeacherTopkStage
+from flows.stages.train_gates import TrainGatesStage
+from flows.stages.train_heads import TrainHeadsStage
 from pipeline.config import load_config
 from stores.artifacts import ArtifactStore
+
+
+def _run(stage, cfg, store, **inputs) -> str:
+    return run_stage(stage, StageContext(cfg, store, progress=False), inputs)
+
+
+def _plan(stage, cfg, store, **inputs):
+    return stage.plan(StageContext(cfg, store, progress=False), inputs)
 
 
 def _cfg(model_dir, corpus, *extra):
@@ -26,17 +39,20 @@ def _cfg(model_dir, corpus, *extra):
 def trained(tmp_path_factory, tiny_model_dir, corpus_dir):
     store = ArtifactStore(tmp_path_factory.mktemp("root"))
     cfg = _cfg(tiny_model_dir, corpus_dir)
-    keys = {s: stages.run_extract(cfg, store, s, progress=False) for s in ("train", "calib", "eval")}
-    keys["heads"] = stages.run_train_heads(cfg, store, keys["train"], keys["eval"], progress=False)
-    keys["gates"] = stages.run_train_gates(cfg, store, keys["train"], keys["heads"], keys["eval"], progress=False)
-    keys["calibration"] = stages.run_calibrate(cfg, store, keys["calib"], keys["heads"], keys["gates"], keys["eval"])
+    keys = {s: _run(ExtractStage(s), cfg, store) for s in ("train", "calib", "eval")}
+    keys["teacher_topk"] = _run(TeacherTopkStage(), cfg, store, cache=keys["train"])
+    keys["heads"] = _run(TrainHeadsStage(), cfg, store, cache=keys["train"], teacher_topk=keys["teacher_topk"],
+                         eval_cache=keys["eval"])
+    keys["gates"] = _run(TrainGatesStage(), cfg, store, cache=keys["train"], heads=keys["heads"], eval_cache=keys["eval"])
+    keys["calibration"] = _run(CalibrateStage(), cfg, store, calib_cache=keys["calib"], heads=keys["heads"],
+                               gates=keys["gates"], eval_cache=keys["eval"])
     return cfg, store, keys
 
 
 def test_artifacts_carry_metrics_and_inputs(trained):
     cfg, store, keys = trained
     heads = store.manifest("train_heads", keys["heads"])
-    assert heads.inputs == {"cache": keys["train"], "eval_cache": keys["eval"]}
+    assert heads.inputs == {"cache": keys["train"], "teacher_topk": keys["teacher_topk"], "eval_cache": keys["eval"]}
     assert set(heads.metrics["eval"]) == set(heads.metrics["logit_lens"]) == {"1", "2", "3"}
     assert heads.metrics["epochs"] and heads.metrics["tokens_per_s"] > 0
     assert (store.path("train_heads", keys["heads"]) / "heads.safetensors").is_file()
@@ -57,21 +73,24 @@ def test_artifacts_carry_metrics_and_inputs(trained):
 
 def test_same_inputs_are_a_hit_and_a_change_reruns_only_downstream(trained):
     cfg, store, keys = trained
-    assert stages.run_train_heads(cfg, store, keys["train"], keys["eval"], progress=False) == keys["heads"]
+    heads_inputs = {"cache": keys["train"], "teacher_topk": keys["teacher_topk"], "eval_cache": keys["eval"]}
+    assert _run(TrainHeadsStage(), cfg, store, **heads_inputs) == keys["heads"]
     changed = cfg.model_copy(update={"gates": cfg.gates.model_copy(update={"lr": 2e-3})})
-    assert stages.plan_train_heads(changed, store, keys["train"], keys["eval"]).key == keys["heads"]
-    assert stages.plan_train_gates(changed, store, keys["train"], keys["heads"], keys["eval"]).key != keys["gates"]
+    assert _plan(TrainHeadsStage(), changed, store, **heads_inputs).key == keys["heads"]
+    assert _plan(TrainGatesStage(), changed, store, cache=keys["train"], heads=keys["heads"],
+                 eval_cache=keys["eval"]).key != keys["gates"]
 
 
 def test_wrong_inputs_are_refused(trained, tmp_path, tiny_model_dir, corpus_dir, make_tiny_model):
     cfg, store, keys = trained
-    with pytest.raises(stages.InputMismatch, match="not in the cache"):
-        stages.plan_train_heads(_cfg(tiny_model_dir, corpus_dir, "heads.layers=[2,5]"), store, keys["train"], None)
+    with pytest.raises(InputMismatch, match="not in the cache"):
+        _plan(TrainHeadsStage(), _cfg(tiny_model_dir, corpus_dir, "heads.layers=[2,5]"), store, cache=keys["train"],
+              teacher_topk=keys["teacher_topk"])
     # a cache of another backbone named explicitly
     other = make_tiny_model(tmp_path / "other", seed=1)
     other_cfg = _cfg(other, corpus_dir, f"inputs.train_cache={keys['train'][:10]}")
-    with pytest.raises(stages.InputMismatch, match="another|extracted from backbone"):
-        stages.resolve_cache(other_cfg, store, "train")
+    with pytest.raises(InputMismatch, match="another|extracted from backbone"):
+        resolve_cache(other_cfg, store, "train")
 
 
 def test_too_few_calib_tokens_for_the_guarantee(trained):
@@ -80,34 +99,72 @@ def test_too_few_calib_tokens_for_the_guarantee(trained):
     cfg, store, keys = trained
     strict = cfg.model_copy(update={"calibrate": cfg.calibrate.model_copy(update={"levels": [0.999], "delta": 0.01})})
     with pytest.raises(CalibrationError, match=r"\d{4}"):
-        stages.run_calibrate(strict, store, keys["calib"], keys["heads"], keys["gates"], None)
+        _run(CalibrateStage(), strict, store, calib_cache=keys["calib"], heads=keys["heads"], gates=keys["gates"])
 
 
-def test_efficient_loss_uses_a_shared_teacher_topk_artifact(trained, tiny_model_dir, corpus_dir):
+def test_efficient_loss_shares_one_teacher_topk_artifact_and_the_full_loss_needs_none(trained, tiny_model_dir,
+                                                                                        corpus_dir):
     _, store, keys = trained
-    cfg = _cfg(tiny_model_dir, corpus_dir, "heads.efficient_loss=true")
-    heads = stages.run_train_heads(cfg, store, keys["train"], keys["eval"], progress=False)
-    assert heads != keys["heads"]
-    topk = [m for m in store.iter_manifests("teacher_topk")]
+    topk = list(store.iter_manifests("teacher_topk"))
     assert len(topk) == 1 and topk[0].inputs == {"cache": keys["train"]} and topk[0].config == {"k": 16}
     # a second efficient run with another learning rate reuses the same top-k
-    cfg2 = _cfg(tiny_model_dir, corpus_dir, "heads.efficient_loss=true", "heads.lr=0.002")
-    stages.run_train_heads(cfg2, store, keys["train"], None, progress=False)
-    assert len(list(store.iter_manifests("teacher_topk"))) == 1
-    m = store.manifest("train_heads", heads)
-    assert m.metrics["eval"]["3"]["agreement"] > 0
+    cfg2 = _cfg(tiny_model_dir, corpus_dir, "heads.lr=0.002")
+    assert _plan(TeacherTopkStage(), cfg2, store, cache=keys["train"]).key == keys["teacher_topk"]
+    other = _run(TrainHeadsStage(), cfg2, store, cache=keys["train"], teacher_topk=keys["teacher_topk"])
+    assert other != keys["heads"] and len(list(store.iter_manifests("teacher_topk"))) == 1
+    # the full loss keys no top-k and refuses none
+    full = _cfg(tiny_model_dir, corpus_dir, "heads.efficient_loss=false")
+    key = _run(TrainHeadsStage(), full, store, cache=keys["train"], teacher_topk=keys["teacher_topk"],
+               eval_cache=keys["eval"])
+    m = store.manifest("train_heads", key)
+    assert "teacher_topk" not in m.inputs and m.metrics["eval"]["3"]["agreement"] > 0
+    with pytest.raises(InputMismatch, match="teacher_topk"):
+        _plan(TrainHeadsStage(), cfg2, store, cache=keys["train"])
 
 
 def test_online_heads_need_no_train_cache_and_match_offline_quality(trained, tiny_model_dir, corpus_dir):
     _, store, keys = trained
     cfg = _cfg(tiny_model_dir, corpus_dir, "heads.mode=online")
-    key = stages.run_train_heads_online(cfg, store, keys["eval"], progress=False)
+    key = _run(TrainHeadsStage(), cfg, store, eval_cache=keys["eval"])
     m = store.manifest("train_heads", key)
     assert "cache" not in m.inputs and m.inputs["eval_cache"] == keys["eval"]
-    assert key == stages.run_train_heads_online(cfg, store, keys["eval"], progress=False)  # a hit
+    assert key == _run(TrainHeadsStage(), cfg, store, eval_cache=keys["eval"])  # a hit
     offline = store.manifest("train_heads", keys["heads"]).metrics["eval"]
     for layer in ("1", "2", "3"):
         assert abs(m.metrics["eval"][layer]["agreement"] - offline[layer]["agreement"]) < 0.05
     # online heads calibrate like offline ones
-    cal = stages.run_calibrate(cfg, store, keys["calib"], key, None, keys["eval"])
+    cal = _run(CalibrateStage(), cfg, store, calib_cache=keys["calib"], heads=key, eval_cache=keys["eval"])
     assert store.exists("calibrate", cal)
+
+
+def test_every_registered_stage_plans_its_key_without_loading_a_model(trained, monkeypatch):
+    """Planning is what makes a cache hit cost seconds: it must never load the backbone."""
+    import transformers
+
+    from flows.stages import STAGES, make_stage
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("planning loaded a model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    monkeypatch.setattr("flows.stages.extract.load_backbone", no_model)
+    monkeypatch.setattr("flows.stages.train_heads.load_backbone", no_model)
+    cfg, store, keys = trained
+    assert list(STAGES) == ["extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "recalibrate"]
+    inputs = {
+        "extract": {}, "teacher_topk": {"cache": keys["train"]},
+        "train_heads": {"cache": keys["train"], "teacher_topk": keys["teacher_topk"], "eval_cache": keys["eval"]},
+        "train_gates": {"cache": keys["train"], "heads": keys["heads"], "eval_cache": keys["eval"]},
+        "calibrate": {"calib_cache": keys["calib"], "heads": keys["heads"], "gates": keys["gates"],
+                      "eval_cache": keys["eval"]},
+        "recalibrate": {"calibration": keys["calibration"]},
+    }
+    existing = {"extract": keys["train"], "teacher_topk": keys["teacher_topk"], "train_heads": keys["heads"],
+                "train_gates": keys["gates"], "calibrate": keys["calibration"]}
+    for name, cls in STAGES.items():
+        stage = make_stage(name, **({"split": "train"} if name == "extract" else {}))
+        plan = _plan(stage, cfg, store, **inputs[name])
+        assert plan.stage == name == cls.name and plan.code_version == cls.code_version
+        assert len(plan.key) == 64 and set(plan.inputs) <= {n.rstrip("?") for n in cls.inputs} | {"data"}
+        if name in existing:
+            assert plan.key == existing[name], name

@@ -1,0 +1,90 @@
+"""calibrate: exit thresholds per head, predictor (entropy, gate) and target accuracy, with a
+Learn-then-Test guarantee, the cascade over heads, and how each threshold holds on held-out
+eval tokens: ``calibration.json``.
+
+Content key: the calibrate config, the calib cache, the heads, the gates and the eval cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext
+from flows.stages.extract import ExtractStage, load_teacher, open_cache
+from flows.stages.train_gates import load_trained_gates
+from flows.stages.train_heads import TrainHeadsStage, heads_model, load_trained_heads
+from pipeline.calibrate import CALIBRATE_CODE_VERSION, Calibration, calibrate_exits, check_held_out
+from pipeline.config import canonical
+from pipeline.gates import gate_exit_probabilities
+from pipeline.scoring import ExitLabels, collect_exit_labels
+from stores.artifacts import ArtifactStore
+from stores.files import write_json_atomic
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Per-token exit labels (correct, entropy) of every head on one cache, and the gates' p_exit."""
+
+    labels: ExitLabels
+    gate_probs: dict[int, np.ndarray] | None
+    layers: list[int]
+    num_layers: int
+
+
+class CalibrateStage(Stage):
+    name = "calibrate"
+    code_version = CALIBRATE_CODE_VERSION
+    inputs = ("calib_cache", "heads", "gates?", "eval_cache?")
+
+    def plan(self, ctx: StageContext, inputs: dict[str, str | None]) -> Plan:
+        return self.make_plan(canonical(ctx.cfg.calibrate), {
+            "calib_cache": inputs["calib_cache"], "heads": inputs["heads"], "gates": inputs.get("gates"),
+            "eval_cache": inputs.get("eval_cache")})
+
+    def build(self, ctx: StageContext, plan: Plan, staging: Path) -> Built:
+        store = ctx.store
+        calib_key, heads_key, gates_key = plan.inputs["calib_cache"], plan.inputs["heads"], plan.inputs.get("gates")
+        _check_compatible(store, calib_key, heads_key)
+        calib = score_split(store, calib_key, heads_key, gates_key)
+        calibration = calibrate_exits(calib.labels, calib.gate_probs, calib.layers, calib.num_layers, ctx.cfg.calibrate)
+        metrics: dict = {"n": calibration.n}
+        if "eval_cache" in plan.inputs:
+            ev = score_split(store, plan.inputs["eval_cache"], heads_key, gates_key)
+            held = check_held_out(calibration, ev.labels, ev.gate_probs)
+            calibration = calibration.with_held_out(held)
+            metrics["held_out_met"] = sum(r.met for r in held)
+            metrics["held_out_checked"] = len(held)
+        write_json_atomic(staging / CALIBRATION_FILE, calibration.to_dict())
+        return Built(metrics)
+
+
+def _check_compatible(store: ArtifactStore, calib_key: str, heads_key: str) -> None:
+    heads_m = store.manifest(TrainHeadsStage.name, heads_key)
+    calib_m = store.manifest(ExtractStage.name, calib_key)
+    missing = [x for x in heads_m.config["layers"] if x not in calib_m.config["layers"]]
+    if calib_m.config["model"] != heads_model(store, heads_m) or missing:
+        raise InputMismatch(f"heads {heads_key[:12]} were trained on another backbone or on layers {missing} that calib "
+                            f"cache {calib_key[:12]} lacks; calibrate heads on a cache of the same backbone and layers")
+
+
+def score_split(store: ArtifactStore, cache_key: str, heads_key: str, gates_key: str | None) -> Scored:
+    """Exit labels of every head and the gates' p_exit on one cache."""
+    reader = open_cache(store, cache_key)
+    teacher = load_teacher(store, cache_key)
+    heads, heads_m = load_trained_heads(store, heads_key, teacher)
+    labels = collect_exit_labels(heads, teacher, reader)
+    probs = None
+    if gates_key:
+        probs = gate_exit_probabilities(load_trained_gates(store, gates_key, heads_key, teacher), reader)
+    return Scored(labels, probs, list(heads_m.config["layers"]), int(reader.attrs["num_layers"]))
+
+
+def load_calibration(store: ArtifactStore, key: str) -> Calibration:
+    store.manifest(CalibrateStage.name, key)  # a clear error when it is gone
+    return Calibration.from_dict(json.loads((store.path(CalibrateStage.name, key) / CALIBRATION_FILE).read_text()))
