@@ -293,7 +293,8 @@ def early_exit_decode(decoder: LayeredDecoder, heads: HeadMap, prompt: Sequence[
                       max_new_tokens: int, thresholds: Mapping[int, float],
                       reference: Sequence[int] | None = None, eos_token_id: int | None = None) -> EarlyExitResult:
     """Early-exit greedy decoding without verification: each token comes from the first exit
-    layer (in increasing order) whose head entropy is below its threshold, else from the model.
+    layer (in increasing order) whose head entropy is at or below its threshold (the
+    `pipeline.thresholds` convention), else from the model.
 
     The blocks a token skips get no KV from it, yet later tokens attend to it there. The fix
     used here is CALM's state propagation: the exit layer's state is copied up as the input of
@@ -326,7 +327,7 @@ def early_exit_decode(decoder: LayeredDecoder, heads: HeadMap, prompt: Sequence[
             h = decoder.run_layers(h, start, e, cache)  # [1, 1, H]
             start = e
             logits = _head_logits(by_layer[e], h)  # [1, V]
-            if float(entropy(logits)[0]) < float(thresholds[e]):
+            if float(entropy(logits)[0]) <= float(thresholds[e]):
                 token, layer = int(logits[0].argmax()), e
                 decoder.fill_kv(h, e, L, cache)
                 break

@@ -212,8 +212,7 @@ def test_speculative_equals_greedy_on_the_embedded_model():
 
     dec = LayeredDecoder(load_backbone(ModelConfig(device="cpu", dtype="float32")))
     heads = build_heads(HeadsConfig(), [6, 12], dec.backbone.teacher_weights())
-    texts = load_corpus(DataConfig())
-    for text in list(texts)[:3]:
+    for text in load_corpus(DataConfig()).documents[:3]:
         prompt = dec.backbone.tokenizer(text[:300])["input_ids"]
         greedy = greedy_decode(dec, prompt, 16).ids
         for layer, k, thr in ((6, 4, None), (12, 3, 3.0)):
