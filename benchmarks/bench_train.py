@@ -9,7 +9,7 @@ precomputed once per cache; that one-time pass is timed separately, and its cost
 over one epoch is reported too. Targets: offline >= 10x online per epoch; the efficient loss
 loses <= 1 point of top-1 agreement against the full loss.
 
-Caches are built with `flows.stages.run_extract` under --root (gitignored) and reused by later
+Caches are built with the extract stage (`flows.stages.extract`) under --root (gitignored) and reused by later
 runs; the teacher top-k is recomputed every run, because its cost is one of the results.
 
 A fifth run, offline with the efficient loss but uniform negatives (`--uniform-negatives`
@@ -35,18 +35,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.stages import cache_path, run_extract, teacher_path  # noqa: E402
+from flows.stages.base import StageContext, run_stage  # noqa: E402
+from flows.stages.extract import ExtractStage, cache_path, load_teacher  # noqa: E402
 from pipeline.backbone import load_backbone  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load_corpus, pack_split  # noqa: E402
 from pipeline.heads import load_heads
-from pipeline.teacher import TeacherWeights  # noqa: E402
 from pipeline.teacher import compute_teacher_topk  # noqa: E402
 from pipeline.scoring import evaluate_heads, logit_lens  # noqa: E402
 from pipeline.sources import OnlineSource  # noqa: E402
 from pipeline.train_heads import train_heads  # noqa: E402
 from stores.artifacts import ArtifactStore  # noqa: E402
-from stores.cache import CacheReader, load_tensors  # noqa: E402
+from stores.cache import CacheReader  # noqa: E402
 from stores.teacher_store import create_teacher_topk, flush_teacher_topk, open_teacher_topk  # noqa: E402
 
 TARGET_RATIO = 10.0
@@ -62,8 +62,8 @@ def _caches(args) -> tuple:
     eval_cfg = load_config(args.config, [f"extract.max_tokens={args.eval_tokens}"])
     store = ArtifactStore(args.root)
     t0 = time.perf_counter()
-    train_key = run_extract(cfg, store, "train", progress=False)
-    eval_key = run_extract(eval_cfg, store, "eval", progress=False)
+    train_key = run_stage(ExtractStage("train"), StageContext(cfg, store, progress=False), {})
+    eval_key = run_stage(ExtractStage("eval"), StageContext(eval_cfg, store, progress=False), {})
     logging.info("caches ready in %.1f s (train %s, eval %s)", time.perf_counter() - t0, train_key[:12], eval_key[:12])
     return cfg, store, train_key, eval_key
 
@@ -75,7 +75,7 @@ def _agreement(evals: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs/default.yaml"))
+    ap.add_argument("--config", default=None, help="YAML config (default: the built-in defaults)")
     ap.add_argument("--root", default=str(ROOT / "benchmarks/.exitflow"), help="artifact root for the caches")
     ap.add_argument("--train-tokens", type=int, default=49152, help="train cache size; steps x batch = one epoch")
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -95,7 +95,7 @@ def main() -> None:
     reader, eval_reader = CacheReader(cache_path(store, train_key)), CacheReader(cache_path(store, eval_key))
     layers, num_layers = list(reader.layers), int(reader.attrs["num_layers"])
     backbone = load_backbone(cfg.model)
-    teacher = TeacherWeights.from_dict(load_tensors(teacher_path(store, train_key)), norm_eps=backbone.final_norm_eps)
+    teacher = load_teacher(store, train_key)
     packed = pack_split(load_corpus(cfg.data), backbone.tokenizer, "train", cfg.data, backbone.tokenizer_fingerprint)
     online = OnlineSource(backbone, packed, layers, sequences_per_forward=cfg.extract.batch_size,
                           max_sequences=reader.num_tokens // cfg.data.seq_len)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.backbone import Backbone
 from pipeline.data import PackedSplit
+from pipeline.sources import layer_key
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ class ExtractResult:
     """Rows already in the cache when this call started."""
     seconds: float
     tokens_per_s: float
-
-
-def layer_array_name(layer: int) -> str:
-    return f"layer_{layer}"
 
 
 def chunk_rows_for(seq_len: int, target_rows: int) -> int:
@@ -137,7 +134,7 @@ def extract_hidden_states(
             ids = torch.from_numpy(split.input_ids[s:e].astype(np.int64))  # [batch, seq]
             per_layer, final = backbone.hidden_states(ids, layers)
             rows: dict[str, np.ndarray | torch.Tensor] = {
-                layer_array_name(layer): per_layer[layer].reshape(-1, backbone.hidden_size).cpu()  # [batch*seq, hidden]
+                layer_key(layer): per_layer[layer].reshape(-1, backbone.hidden_size).cpu()  # [batch*seq, hidden]
                 for layer in layers
             }
             rows["final"] = final.reshape(-1, backbone.hidden_size).cpu()  # [batch*seq, hidden]

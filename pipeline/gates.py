@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import GatesConfig
+from pipeline.sources import layer_key
 from pipeline.teacher import TeacherWeights
 
 logger = logging.getLogger(__name__)
@@ -74,17 +75,17 @@ def build_gates(cfg: GatesConfig, layers: Sequence[int], teacher: TeacherWeights
 def gate_exit_probabilities(gates: nn.ModuleDict, source, *, max_tokens: int | None = None,
                             batch_rows: int = 4096) -> dict[int, np.ndarray]:
     """Each gate's p_exit for the source's rows in order (the first `max_tokens`): the same
-    rows, in the same order, as `pipeline.train.collect_exit_labels` reads."""
+    rows, in the same order, as `pipeline.scoring.collect_exit_labels` reads."""
     layers = [int(k) for k in gates.keys()]
     device = next(gates.parameters()).device
     out: dict[int, list] = {layer: [] for layer in layers}
     seen = 0
-    for batch in source.iter_batches([f"layer_{layer}" for layer in layers], batch_rows, shuffle=False):
+    for batch in source.iter_batches([layer_key(layer) for layer in layers], batch_rows, shuffle=False):
         take = len(next(iter(batch.values())))
         if max_tokens is not None:
             take = min(take, max_tokens - seen)
         for layer in layers:
-            h = torch.from_numpy(batch[f"layer_{layer}"][:take]).to(device)  # [b, H]
+            h = torch.from_numpy(batch[layer_key(layer)][:take]).to(device)  # [b, H]
             out[layer].append(gates[str(layer)].exit_probability(h).float().cpu().numpy())  # [b]
         seen += take
         if max_tokens is not None and seen >= max_tokens:

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import zarr
 
-from stores.files import fsync_dir, write_atomic
+from pipeline.sources import layer_key
+from stores.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class CacheSchema:
             raise CacheError("invalid CacheSchema:\n  - " + "\n  - ".join(problems))
 
     def hidden_arrays(self) -> list[str]:
-        return [f"layer_{layer}" for layer in self.layers] + ["final"]
+        return [layer_key(layer) for layer in self.layers] + ["final"]
 
     def bytes_per_token_per_layer(self) -> float:
         if self.storage_dtype == "int8":

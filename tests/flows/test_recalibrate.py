@@ -5,7 +5,6 @@ held-out check is met, a failing check keeps the current calibration and says wh
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
