@@ -8,7 +8,7 @@ import pytest
 
 from flows.stages.base import InputMismatch, StageContext, run_stage
 from flows.stages.calibrate import CalibrateStage
-from flows.stages.extract import ExtractStage, resolve_cache
+from flows.stages.extract import ExtractStage, load_teacher, open_cache, resolve_cache
 from flows.stages.teacher_topk import TeacherTopkStage
 from flows.stages.train_gates import TrainGatesStage
 from flows.stages.train_heads import TrainHeadsStage
@@ -168,3 +168,43 @@ def test_every_registered_stage_plans_its_key_without_loading_a_model(trained, m
         assert len(plan.key) == 64 and set(plan.inputs) <= {n.rstrip("?") for n in cls.inputs} | {"data"}
         if name in existing:
             assert plan.key == existing[name], name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_reported_logit_lens_is_the_models_own(family, tmp_path, make_tiny_family, corpus_dir):
+    """The logit-lens agreement in the train_heads manifest equals the one computed directly
+    from the model: its own final norm (GPT-2: `ln_f`, a LayerNorm with random weight and bias)
+    and LM head on its intermediate hidden states. Before the norm was read from the backbone,
+    every LayerNorm family got an RMSNorm without centring or bias here."""
+    import numpy as np
+    import torch
+    import transformers
+
+    model_dir = make_tiny_family(tmp_path / family, family, num_layers=4)
+    cfg = _cfg(model_dir, corpus_dir, "heads.max_steps=1")
+    store = ArtifactStore(tmp_path / "root")
+    train, ev = (_run(ExtractStage(s), cfg, store) for s in ("train", "eval"))
+    topk = _run(TeacherTopkStage(), cfg, store, cache=train)
+    heads = _run(TrainHeadsStage(), cfg, store, cache=train, teacher_topk=topk, eval_cache=ev)
+    reported = store.manifest("train_heads", heads).metrics["logit_lens"]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    final_norm = model.transformer.ln_f if family == "gpt2" else model.model.norm
+    assert isinstance(final_norm, torch.nn.LayerNorm) == (family == "gpt2")
+    reader = open_cache(store, ev)
+    ids = torch.from_numpy(reader.column("input_ids").astype(np.int64)).view(-1, cfg.data.seq_len)
+
+    def f16(t):  # the cache stores float16
+        return t.to(torch.float16).to(torch.float32)
+
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+        want_top1 = model.lm_head(f16(states[-1])).argmax(-1)
+        for layer in (1, 2, 3):
+            lens_top1 = model.lm_head(final_norm(f16(states[layer]))).argmax(-1)
+            agreement = (lens_top1 == want_top1).float().mean().item()
+            assert abs(reported[str(layer)]["agreement"] - agreement) <= 2 / ids.numel(), (layer, agreement)
+        # and the teacher stored beside the cache gives the model's lens logits, not just its argmax
+        h = f16(states[2]).reshape(-1, model.config.hidden_size)
+        torch.testing.assert_close(load_teacher(store, ev).lens_logits(h), model.lm_head(final_norm(h)),
+                                   rtol=1e-5, atol=1e-5)
