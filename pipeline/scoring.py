@@ -127,34 +127,62 @@ def head_layers(heads: nn.ModuleDict) -> list[int]:
     return sorted(int(key) for key in heads.keys())
 
 
+@dataclass(frozen=True)
+class BlockLogits:
+    """One head's full-vocabulary logits on one block of rows, exactly as `score_rows` scored
+    them, handed to an `on_logits` callback: metrics that need the whole distribution (top-5,
+    KL, calibration error; `pipeline.evaluate`) ride on the same pass instead of running the
+    heads a second time."""
+
+    layer: int
+    start: int
+    """Index of the block's first row within the batch."""
+    logits: torch.Tensor  # [b, V] the head's logits
+    teacher_logits: torch.Tensor | None  # [b, V]; None when the caller passed `teacher_top1`
+    teacher_top1: torch.Tensor  # [b] int64
+    targets: torch.Tensor  # [b] int64, IGNORE_INDEX where there is no next token
+
+
+OnLogits = Callable[[BlockLogits], None]
+
+
 @torch.no_grad()
 def score_rows(heads: nn.ModuleDict, teacher: TeacherWeights, batch: dict[str, np.ndarray], layers: Sequence[int],
-               device: torch.device, teacher_top1: np.ndarray | None = None
+               device: torch.device, teacher_top1: np.ndarray | None = None, on_logits: OnLogits | None = None
                ) -> tuple[dict[int, RowScores], np.ndarray]:
     """Full-vocabulary top-1 and entropy of every head on a batch, against the teacher's top-1
     (from the batch's final states, or `teacher_top1` [n] when given) and the true next token.
-    Returns the scores per layer and `has_target` [n]. `teacher` must be on `device`."""
+    Returns the scores per layer and `has_target` [n]. `teacher` must be on `device`.
+
+    Blocks are the outer loop so the teacher's logits of a block are computed once and shared
+    by every head (and by `on_logits`, which sees each head's logits of each block)."""
     targets = batch_tensor(batch["targets"].astype(np.int64), device)  # [n]
     n, blk = targets.shape[0], SCORE_BLOCK_ROWS
-    if teacher_top1 is not None:
-        t_top1 = batch_tensor(np.asarray(teacher_top1).astype(np.int64), device)  # [n]
-    else:
-        final = batch_tensor(batch["final"], device)  # [n, H]
-        t_top1 = torch.cat([teacher.logits(final[a : a + blk]).argmax(-1) for a in range(0, n, blk)])  # [n]
+    given = None if teacher_top1 is None else batch_tensor(np.asarray(teacher_top1).astype(np.int64), device)  # [n]
+    top1: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    entropy: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    t_top1_parts = []
+    for a in range(0, n, blk):
+        t_logits = None
+        if given is None:
+            t_logits = teacher.logits(batch_tensor(batch["final"][a : a + blk], device))  # [b, V]
+        t_top1 = given[a : a + blk] if given is not None else t_logits.argmax(-1)  # [b]
+        t_top1_parts.append(t_top1)
+        for layer in layers:
+            logits = heads[str(layer)](batch_tensor(batch[layer_key(layer)][a : a + blk], device))  # [b, V]
+            top1[layer].append(logits.argmax(-1))  # [b]
+            entropy[layer].append(head_entropy(logits))  # [b]
+            if on_logits is not None:
+                on_logits(BlockLogits(layer=layer, start=a, logits=logits, teacher_logits=t_logits,
+                                      teacher_top1=t_top1, targets=targets[a : a + blk]))
+    t_top1_all = torch.cat(t_top1_parts)  # [n]
     scores: dict[int, RowScores] = {}
     for layer in layers:
-        head = heads[str(layer)]
-        h = batch_tensor(batch[layer_key(layer)], device)  # [n, H]
-        top1, entropy = [], []
-        for a in range(0, n, blk):
-            logits = head(h[a : a + blk])  # [b, V]
-            top1.append(logits.argmax(-1))  # [b]
-            entropy.append(head_entropy(logits))  # [b]
-        top1_t = torch.cat(top1)  # [n]
+        top1_t = torch.cat(top1[layer])  # [n]
         scores[layer] = RowScores(
-            correct=(top1_t == t_top1).cpu().numpy(),
+            correct=(top1_t == t_top1_all).cpu().numpy(),
             correct_true=(top1_t == targets).cpu().numpy(),  # never true where targets == -1
-            entropy=torch.cat(entropy).float().cpu().numpy(),
+            entropy=torch.cat(entropy[layer]).float().cpu().numpy(),
         )
     return scores, (targets != IGNORE_INDEX).cpu().numpy()
 
@@ -164,7 +192,7 @@ OnBatch = Callable[[dict[str, np.ndarray], dict[int, RowScores]], None]
 
 def _label_pass(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchSource, *, max_tokens: int | None,
                 batch_rows: int, with_rows: bool, on_batch: OnBatch | None = None,
-                progress: bool = False, desc: str = "score") -> ExitLabels:
+                on_logits: OnLogits | None = None, progress: bool = False, desc: str = "score") -> ExitLabels:
     """One sequential no-grad pass over the first `max_tokens` rows: per token and head,
     whether the head's top-1 matches the teacher / the true token, and its entropy."""
     if max_tokens is not None and max_tokens <= 0:
@@ -187,7 +215,7 @@ def _label_pass(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchSour
             take = min(len(batch["targets"]), limit - seen)
             if take < len(batch["targets"]):
                 batch = {k: v[:take] for k, v in batch.items()}
-            scores, valid = score_rows(heads, teacher, batch, layers, device)
+            scores, valid = score_rows(heads, teacher, batch, layers, device, on_logits=on_logits)
             if with_rows:
                 rows.append(batch["row"].astype(np.int64))
             has_target.append(valid)
@@ -218,13 +246,14 @@ def _label_pass(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchSour
 
 def collect_exit_labels(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchSource, *,
                         max_tokens: int | None = None, batch_rows: int = 2048, progress: bool = False,
-                        on_batch: OnBatch | None = None) -> ExitLabels:
+                        on_batch: OnBatch | None = None, on_logits: OnLogits | None = None) -> ExitLabels:
     """Per-token exit labels of every head from one no-grad pass over the first `max_tokens`
     rows, in order, for gate training and calibration. Needs the source's ``row``.
     `on_batch(batch, scores)` sees each batch with its scores (gate training keeps a held-out
-    slice of hidden states that way, without a second read)."""
+    slice of hidden states that way, without a second read); `on_logits` sees every head's
+    full logits per block (evaluation's distribution metrics, same reason)."""
     return _label_pass(heads, teacher, source, max_tokens=max_tokens, batch_rows=batch_rows, with_rows=True,
-                       on_batch=on_batch, progress=progress, desc="exit labels")
+                       on_batch=on_batch, on_logits=on_logits, progress=progress, desc="exit labels")
 
 
 def evaluate_heads(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchSource, *,

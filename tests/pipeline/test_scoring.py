@@ -10,6 +10,7 @@ import torch
 from pipeline.config import GatesConfig
 from pipeline.gates import gate_exit_probabilities
 from pipeline.scoring import (
+    BlockLogits,
     ExitLabels,
     GateEval,
     auroc,
@@ -35,6 +36,25 @@ def test_collect_exit_labels_agree_with_evaluate_heads(synth):
         assert ev[layer].accuracy == pytest.approx(ct[labels.has_target].mean())
         assert ev[layer].mean_entropy == pytest.approx(ent.mean(), rel=1e-5)
         assert 0 <= ev[layer].entropy_auroc <= 1
+
+
+def test_on_logits_sees_every_heads_logits_of_every_block_once(synth):
+    """The hook of `score_rows` hands each head's full logits per block, with the teacher's, and
+    the labels are unchanged by it."""
+    heads = logit_lens(synth.teacher, LAYERS)
+    seen: list[BlockLogits] = []
+    labels = collect_exit_labels(heads, synth.teacher, synth.small, max_tokens=700, batch_rows=300,
+                                 on_logits=seen.append)
+    plain = collect_exit_labels(heads, synth.teacher, synth.small, max_tokens=700, batch_rows=300)
+    assert all(np.array_equal(labels.correct[layer], plain.correct[layer]) for layer in LAYERS)
+    for layer in LAYERS:
+        mine = [b for b in seen if b.layer == layer]
+        assert sum(b.logits.shape[0] for b in mine) == 700  # 256 + 44 per batch of 300, then 100
+        top1 = torch.cat([b.logits.argmax(-1) for b in mine]).numpy()
+        t_top1 = torch.cat([b.teacher_logits.argmax(-1) for b in mine]).numpy()
+        assert np.array_equal(top1 == t_top1, labels.correct[layer])
+        assert np.array_equal(torch.cat([b.teacher_top1 for b in mine]).numpy(), t_top1)
+        assert (torch.cat([b.targets for b in mine]).numpy() >= 0).tolist() == labels.has_target.tolist()
 
 
 def test_logit_lens_is_the_backbones_final_norm_and_lm_head(tiny):
