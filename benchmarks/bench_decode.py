@@ -9,8 +9,10 @@ our greedy loop is timed again after each exit layer's group of configurations, 
 group's speed-ups are against the greedy runs just before and after it (their mean), so a
 machine whose load drifts (a shared 2-core CPU) hits both sides of each ratio.
 
+The comparison itself is `pipeline.decode_compare.compare_decoding`, the one the evaluate stage
+runs; this script adds the HF `generate` baseline, the embedded corpus and the markdown table.
 Adaptive-draft and early-exit thresholds are calibrated here on held-out corpus text (one
-full forward): the loosest head-entropy threshold whose tokens agree with the model's top-1
+forward per level): the loosest head-entropy threshold whose tokens agree with the model's top-1
 at least `--draft-level` (drafts) or `--exit-level` (early exit) of the time.
 
     python benchmarks/bench_decode.py [--root DIR --heads KEY] [--quick]
@@ -24,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,85 +39,31 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flows.stages.train_heads import load_trained_heads  # noqa: E402
 from pipeline.backbone import load_backbone  # noqa: E402
 from pipeline.config import DataConfig, HeadsConfig, ModelConfig  # noqa: E402
 from pipeline.data import load_corpus  # noqa: E402
-from pipeline.heads import build_heads, load_heads  # noqa: E402
-from pipeline.layered import LayeredDecoder  # noqa: E402
-from pipeline.speculative import (  # noqa: E402
-    DecodeResult,
-    early_exit_decode,
-    entropy,
-    greedy_decode,
-    speculative_decode,
+from pipeline.decode_compare import (  # noqa: E402
+    calibrate_draft_thresholds,
+    compare_decoding,
+    default_settings,
+    draw_prompts,
+    most_frequent_tokens,
 )
-from pipeline.thresholds import empirical_thresholds  # noqa: E402
+from pipeline.heads import build_heads  # noqa: E402
+from pipeline.layered import LayeredDecoder  # noqa: E402
+from stores.artifacts import ArtifactStore  # noqa: E402
 
 
-def _load_trained_heads(root: Path, key: str, teacher) -> tuple[torch.nn.ModuleDict, str]:
-    from safetensors.torch import load_file
-
-    folder = root / "artifacts" / "train_heads" / key
-    manifest = json.loads((folder / "manifest.json").read_text())
-    config = dict(manifest["config"])
-    state = load_file(str(folder / "heads.safetensors"))
-    layers = config.get("layers") or sorted({int(k.split(".", 1)[0]) for k in state})
-    return load_heads(HeadsConfig.model_validate(config), layers, teacher, state), f"trained ({folder})"
-
-
-def _prompts(decoder: LayeredDecoder, docs: list[str], n: int, length: int, seed: int) -> list[list[int]]:
-    """`n` windows of `length` tokens at seeded offsets in seeded documents."""
-    rng = np.random.default_rng(seed)
-    tok = decoder.backbone.tokenizer
-    out: list[list[int]] = []
-    for d in rng.permutation(len(docs)):
-        ids = tok(docs[d])["input_ids"]
-        if len(ids) > length + 1:
-            start = int(rng.integers(0, len(ids) - length))
-            out.append(ids[start : start + length])
-        if len(out) == n:
-            break
-    return out
-
-
-@torch.no_grad()
-def _calibrate(decoder: LayeredDecoder, heads, layers: list[int], docs: list[str], tokens: int,
-               levels: dict[str, float]) -> dict[str, dict[int, float]]:
-    """Per level name and layer, the loosest entropy threshold meeting that top-1 agreement level on
-    held-out text; -inf where none does (the head then never drafts / never exits)."""
-    tok = decoder.backbone.tokenizer
-    ids = [t for d in docs for t in tok(d)["input_ids"]][:tokens]
-    states, final = decoder.backbone.hidden_states(torch.tensor([ids]), layers)  # {l: [1, n, H]}, [1, n, H]
-    target = decoder.lm_head(final[0]).argmax(dim=-1)  # [n]
-    out: dict[str, dict[int, float]] = {name: {} for name in levels}
-    for layer in layers:
-        head = heads[str(layer)]
-        logits = head.project(head.features(states[layer][0].float()))  # [n, V]
-        ent = entropy(logits).numpy()  # [n]
-        correct = (logits.argmax(dim=-1) == target).numpy()  # [n]
-        for name, level in levels.items():
-            fit = empirical_thresholds(ent, correct, [level])[0]
-            out[name][layer] = float("-inf") if fit.threshold is None else float(fit.threshold)
-    return out
-
-
-def _run_all(fn, prompts: list[list[int]]) -> list[DecodeResult]:
-    return [fn(p) for p in prompts]
-
-
-def _summary(name: str, results: list[DecodeResult], reference: list[list[int]], **fields) -> dict:
-    tokens = sum(len(r.ids) for r in results)
-    total = sum(r.total_s for r in results)
-    drafted, accepted, steps = (sum(getattr(r, a) for r in results) for a in ("drafted", "accepted", "steps"))
-    tps = tokens / total
-    split = {part: round(sum(getattr(r, f"{part}_s") for r in results) / total, 3)
-             for part in ("prefill", "draft", "verify", "overhead")}
-    return {"name": name, **fields, "tokens": tokens, "seconds": round(total, 3), "tokens_per_s": round(tps, 2),
-            "speedup": None,
-            "drafted": drafted, "accepted": accepted, "verifications": steps,
-            "acceptance": round(accepted / drafted, 3) if drafted else None,
-            "tau": round(accepted / steps, 3) if steps else None, "time_split": split,
-            "identical": all(r.ids == ref for r, ref in zip(results, reference))}
+def _hf_generate(backbone, prompts: list[list[int]], new_tokens: int, reference: list[list[int]]) -> dict:
+    """HF `generate` greedy on the same prompts: the library baseline beside our own loop."""
+    t0 = time.perf_counter()
+    out = [backbone.model.generate(torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   do_sample=False, pad_token_id=backbone.tokenizer.eos_token_id)[0, len(p):].tolist()
+           for p in prompts]
+    seconds = time.perf_counter() - t0
+    return {"name": "HF generate (greedy)", "tokens": new_tokens * len(prompts), "seconds": seconds,
+            "tokens_per_s": new_tokens * len(prompts) / seconds, "identical": out == reference}
 
 
 def main() -> None:
@@ -136,13 +85,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.new_tokens, args.layers, args.draft_lens = 2, 16, [6, 12], [4]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     backbone = load_backbone(ModelConfig(device="cpu", dtype="float32"))
     decoder = LayeredDecoder(backbone)
     teacher = backbone.teacher_weights()
     notes: list[str] = []
     if args.heads:
-        heads, heads_kind = _load_trained_heads(args.root or Path(".exitflow"), args.heads, teacher)
+        store = ArtifactStore(args.root or Path(".exitflow"))
+        heads, _ = load_trained_heads(store, args.heads, teacher)
+        heads_kind = f"trained ({args.heads})"
         missing = [layer for layer in args.layers if str(layer) not in heads]
         if missing:
             notes.append(f"no trained head at layers {missing}; skipped")
@@ -156,82 +108,33 @@ def main() -> None:
 
     docs = load_corpus(DataConfig()).documents
     order = np.random.default_rng(args.seed).permutation(len(docs))
-    calib_docs = [docs[i] for i in order[:8]]
-    prompt_docs = [docs[i] for i in order[8:]]
-    prompts = _prompts(decoder, prompt_docs, args.prompts, args.prompt_len, args.seed)
-    counts = Counter(t for d in prompt_docs for t in backbone.tokenizer(d)["input_ids"])
-    vocab = torch.tensor([t for t, _ in counts.most_common(args.draft_vocab)])  # [N] most frequent corpus tokens
-    thresholds = _calibrate(decoder, heads, args.layers, calib_docs, args.calib_tokens,
-                            {"draft": args.draft_level, "exit": args.exit_level})
-    print(f"thresholds (nats): {json.dumps(thresholds)}", flush=True)
-    N = args.new_tokens
+    tokenize = backbone.tokenizer
+    calib_ids = [t for i in order[:8] for t in tokenize(docs[i])["input_ids"]][: args.calib_tokens]
+    prompt_docs = [tokenize(docs[i])["input_ids"] for i in order[8:]]
+    prompts = draw_prompts(prompt_docs, args.prompts, args.prompt_len, args.seed)
+    vocab = most_frequent_tokens(np.concatenate(prompt_docs), args.draft_vocab)  # [N] most frequent corpus tokens
+    thresholds = {name: calibrate_draft_thresholds(decoder, heads, args.layers, calib_ids, level)
+                  for name, level in (("draft", args.draft_level), ("exit", args.exit_level))}
+    print(f"thresholds (nats): {thresholds}", flush=True)
 
-    greedy_decode(decoder, prompts[0], 4)  # warm-up
-    greedy_runs = [_run_all(lambda p: greedy_decode(decoder, p, N), prompts)]
-    reference = [r.ids for r in greedy_runs[0]]
-    t0 = time.perf_counter()
-    gen = []
-    for p in prompts:
-        out = backbone.model.generate(torch.tensor([p]), max_new_tokens=N, min_new_tokens=N, do_sample=False,
-                                      pad_token_id=backbone.tokenizer.eos_token_id)
-        gen.append(out[0, len(p):].tolist())
-    hf_s = time.perf_counter() - t0
-    hf = {"name": "HF generate (greedy)", "tokens": N * len(prompts), "seconds": round(hf_s, 3),
-          "tokens_per_s": round(N * len(prompts) / hf_s, 2), "identical": gen == reference}
-
-    ablate_k = args.draft_lens[len(args.draft_lens) // 2]
-    rows, groups = [], []
-    for layer in args.layers:
-        group = []
-        for k in [*args.draft_lens, "adaptive"]:
-            adaptive = k == "adaptive"
-            variants = [(True, False)] + ([(False, False), (True, True)] if k == ablate_k else [])
-            for reuse, reduced in variants:
-                kk = max(args.draft_lens) if adaptive else int(k)
-                thr = thresholds["draft"][layer] if adaptive else None
-                results = _run_all(lambda p: speculative_decode(
-                    decoder, heads, p, N, exit_layer=layer, draft_len=kk, entropy_threshold=thr,
-                    vocab_idx=vocab if reduced else None, reuse_kv=reuse), prompts)
-                group.append(_summary(f"speculative l={layer} k={k}", results, reference, exit_layer=layer,
-                                      draft_len=k, max_draft=kk, entropy_threshold=thr, kv_reuse=reuse,
-                                      draft_vocab=len(vocab) if reduced else None))
-                print(json.dumps(group[-1]), flush=True)
-        # greedy again after every layer's group: each group's speed-ups are against the greedy runs
-        # just before and after it, so load that drifts over the run hits both sides of a ratio
-        greedy_runs.append(_run_all(lambda p: greedy_decode(decoder, p, N), prompts))
-        tps = [sum(len(r.ids) for r in g) / sum(r.total_s for r in g) for g in greedy_runs[-2:]]
-        for row in group:
-            row["greedy_tokens_per_s"] = round(float(np.mean(tps)), 2)
-            row["speedup"] = round(row["tokens_per_s"] / float(np.mean(tps)), 3)
-        rows += group
-    greedy_rows = [_summary(f"own greedy (run {i + 1} of {len(greedy_runs)})", g, reference)
-                   for i, g in enumerate(greedy_runs)]
-    base = float(np.mean([g["tokens_per_s"] for g in greedy_rows]))
-    for row in greedy_rows:
-        row["speedup"] = round(row["tokens_per_s"] / base, 3)
-    hf["speedup"] = round(hf["tokens_per_s"] / float(greedy_rows[0]["tokens_per_s"]), 3)
-
-    exit_thr = {layer: thresholds["exit"][layer] for layer in args.layers}
-    ee = [early_exit_decode(decoder, heads, p, N, exit_thr, reference=ref) for p, ref in zip(prompts, reference)]
-    ee_tps = sum(len(r.ids) for r in ee) / sum(r.total_s for r in ee)
-    early = {"name": "early exit (no verification)", "thresholds": exit_thr, "tokens_per_s": round(ee_tps, 2),
-             "speedup": round(ee_tps / base, 3),
-             "matches_greedy": round(float(np.mean([r.matches_greedy for r in ee])), 3),
-             "layers_skipped": round(float(np.mean([r.layers_skipped for r in ee])), 3)}
-    coverage = float(np.mean([t in set(vocab.tolist()) for ref in reference for t in ref]))
+    cmp = compare_decoding(decoder, heads, prompts, args.new_tokens,
+                           default_settings(args.layers, args.draft_lens, draft_vocab_size=len(vocab)),
+                           entropy_thresholds=thresholds["draft"], draft_vocab=vocab,
+                           early_exit_thresholds=thresholds["exit"], progress=True)
+    hf = _hf_generate(backbone, prompts, args.new_tokens, [list(ids) for ids in cmp.greedy_ids])
+    hf["speedup"] = hf["tokens_per_s"] / cmp.greedy[-1].tokens_per_s  # the adjacent greedy timing
 
     result = {"benchmark": "decode", "model": ModelConfig().source, "device": "cpu", "dtype": "float32",
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "batch": 1,
-              "heads": heads_kind, "prompts": len(prompts), "prompt_len": args.prompt_len, "new_tokens": N,
-              "seed": args.seed, "draft_vocab_source": "most frequent tokens of the prompt-side corpus documents",
-              "draft_vocab_size": len(vocab), "draft_vocab_covers_greedy_tokens": round(coverage, 3),
-              "calibration": {"tokens": args.calib_tokens, "draft_level": args.draft_level,
-                              "exit_level": args.exit_level, "thresholds": thresholds},
-              "notes": notes, "baselines": greedy_rows + [hf], "speculative": rows, "early_exit": early,
-              "all_identical": all(r["identical"] for r in rows + greedy_rows)}
+              "threads": torch.get_num_threads(), "machine": platform.machine(), "batch": 1, "heads": heads_kind,
+              "prompt_len": args.prompt_len, "seed": args.seed,
+              "draft_vocab_source": "most frequent tokens of the prompt-side corpus documents",
+              "calibration": {"tokens": len(calib_ids), "draft_level": args.draft_level, "exit_level": args.exit_level,
+                              "thresholds": {name: {str(k): v if math.isfinite(v) else str(v) for k, v in t.items()}
+                                             for name, t in thresholds.items()}},
+              "notes": notes, "hf_generate": hf, **cmp.to_dict()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md = _markdown(result, base)
+    (args.out / "decode.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    md = _markdown(result)
     (args.out / "decode.md").write_text(md)
     print(md)
 
@@ -240,39 +143,43 @@ def _fmt(v, spec: str = "{:.2f}") -> str:
     return "–" if v is None else spec.format(v)
 
 
-def _markdown(r: dict, base: float) -> str:
+def _markdown(r: dict) -> str:
+    base = r["greedy_tokens_per_s"]
     lines = [
         "# Decoding benchmark", "",
         f"{r['model']} on {r['device']} ({r['dtype']}, {r['threads']} threads), batch 1, {r['prompts']} prompts of "
         f"{r['prompt_len']} tokens from the embedded corpus (seed {r['seed']}), {r['new_tokens']} new tokens each. "
         f"Heads: **{r['heads']}**. Speed-up is against our own greedy loop timed just before and after each exit "
-        f"layer's group (all greedy runs: mean {base:.1f} tokens/s; HF generate: against the first; early exit: "
+        f"layer's group (all greedy runs: mean {base:.1f} tokens/s; HF generate: against the last; early exit: "
         "against the mean). τ = accepted draft tokens per verification pass; time split = share of wall time in "
         "prefill / draft / verify / overhead.", "",
     ]
     lines += [f"> {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
     lines += ["| decoder | tokens/s | speed-up | acceptance | τ | split p/d/v/o | identical to greedy |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in r["baselines"]:
-        lines.append(f"| {row['name']} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | | | | "
-                     f"{'yes' if row['identical'] else 'NO'} |")
-    for row in r["speculative"]:
+    runs = r["greedy"]
+    for i, g in enumerate(runs):
+        lines.append(f"| own greedy (run {i + 1} of {len(runs)}) | {g['tokens_per_s']:.1f} | "
+                     f"{g['tokens_per_s'] / base:.2f}x | | | | {'yes' if g['identical'] else 'NO'} |")
+    hf = r["hf_generate"]
+    lines.append(f"| {hf['name']} | {hf['tokens_per_s']:.1f} | {hf['speedup']:.2f}x | | | | "
+                 f"{'yes' if hf['identical'] else 'NO'} |")
+    for row in r["settings"]:
         s = row["time_split"]
-        label = (f"l={row['exit_layer']}, k={row['draft_len']}"
-                 + (f" (≤{row['max_draft']}, H≤{row['entropy_threshold']:.2f})" if row["draft_len"] == "adaptive" else "")
-                 + ("" if row["kv_reuse"] else ", no KV reuse")
-                 + (f", draft vocab {row['draft_vocab']}" if row["draft_vocab"] else ""))
+        thr = row["entropy_threshold"]
+        label = row["name"] + (f" (H≤{_fmt(thr) if isinstance(thr, float) else thr})" if row["adaptive"] else "")
         lines.append(f"| {label} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | {_fmt(row['acceptance'])} | "
                      f"{_fmt(row['tau'])} | {s['prefill']:.2f}/{s['draft']:.2f}/{s['verify']:.2f}/{s['overhead']:.2f} | "
-                     f"{'yes' if row['identical'] else 'NO'} |")
+                     f"{'yes' if row['identical'] else 'NO at ' + str(row['first_mismatch'])} |")
     e = r["early_exit"]
+    thr = {k: round(v, 2) if isinstance(v, float) else v for k, v in e["thresholds"].items()}
     lines += ["", f"Early exit without verification (thresholds for top-1 agreement {r['calibration']['exit_level']}: "
-              f"{ {k: round(v, 2) for k, v in e['thresholds'].items()} }): {e['tokens_per_s']:.1f} tokens/s "
-              f"({e['speedup']:.2f}x), {e['layers_skipped']:.1%} of layer passes skipped, "
-              f"{e['matches_greedy']:.1%} of tokens equal to greedy at their position.", "",
+              f"{thr}): {e['tokens_per_s']:.1f} tokens/s ({e['speedup']:.2f}x), {e['layers_skipped']:.1%} of layer "
+              f"passes skipped, {e['matches_greedy']:.1%} of tokens equal to greedy at their position.", "",
               f"Draft vocabulary: the {r['draft_vocab_size']} most frequent corpus tokens; they hold "
-              f"{r['draft_vocab_covers_greedy_tokens']:.1%} of the greedy output tokens. "
-              f"All speculative outputs identical to greedy: **{'yes' if r['all_identical'] else 'NO'}**.", ""]
+              f"{r['draft_vocab_covers_greedy']:.1%} of the greedy output tokens. Fastest exact setting: "
+              f"**{r['best']}**. All speculative outputs identical to greedy: "
+              f"**{'yes' if r['all_identical'] else 'NO'}**.", ""]
     return "\n".join(lines)
 
 
