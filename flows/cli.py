@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "all", "recalibrate")
+RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "evaluate", "all", "recalibrate")
 
 EPILOG = """\
 examples:
@@ -18,7 +18,8 @@ examples:
   exitflow run teacher_topk                              # the train cache's top-k, for the efficient loss
   exitflow run train_heads --set heads.epochs=3         # extracts train/eval first if missing
   exitflow run calibrate --set inputs.heads=3fa2c1     # calibrate given heads
-  exitflow run all                                       # extract, train heads + gates, calibrate
+  exitflow run evaluate --set evaluate.decode=false      # head quality, guarantees, cascade savings only
+  exitflow run all                                       # extract, top-k, heads, gates, calibrate, evaluate
   exitflow run recalibrate --data-source ./data/incoming  # recalibrate on new data, drift table
   exitflow ls
   exitflow show 3fa2c1
@@ -88,6 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"path: {store.path(PRODUCED_BY[last_name], last_key)}")
     if "calibration" in keys:
         print(f"calibration: {store.path('calibrate', keys['calibration']) / 'calibration.json'}")
+    if "evaluation" in keys:
+        from reports.evaluation import evaluation_summary
+
+        print(evaluation_summary(store.manifest("evaluate", keys["evaluation"]).metrics))
     return 0
 
 

@@ -5,9 +5,10 @@ command line, and unchanged upstream stages cost seconds.
 
 The DAG (one line per stage in :class:`Dag`)::
 
-    extract(train) -> teacher_topk -> train_heads -> train_gates -> calibrate
-    extract(calib) ------------------------------------------------^
-    extract(eval)  -> (evaluates heads, gates and thresholds)
+    extract(train) -> teacher_topk -> train_heads -> train_gates -> calibrate -> evaluate
+    extract(calib) ------------------------------------------------^            ^
+    extract(eval)  -----------------------------------------------------------/
+    (the eval cache also scores heads and gates as they are trained)
 """
 
 from __future__ import annotations
@@ -16,20 +17,27 @@ from prefect import flow, get_run_logger
 
 from flows.stages.base import StageContext
 from flows.stages.calibrate import CalibrateStage
+from flows.stages.evaluate import EvaluateStage
 from flows.stages.extract import ExtractStage, resolve_cache
 from flows.stages.teacher_topk import TeacherTopkStage
 from flows.stages.train_gates import TrainGatesStage
 from flows.stages.train_heads import TrainHeadsStage
 from flows.tasks import submit
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 from stores.artifacts import ArtifactStore
 
 
 class Dag:
-    """The stages of one config and artifact root, each a method returning its artifact key."""
+    """The stages of one config and artifact root, each a method returning its artifact key.
+    ``keys`` collects every key produced or used so far, by name, in DAG order."""
 
     def __init__(self, cfg: Config, store: ArtifactStore):
         self.ctx = StageContext(cfg, store)
+        self.keys: dict[str, str] = {}
+
+    def _note(self, name: str, key: str) -> str:
+        self.keys[name] = key
+        return key
 
     @classmethod
     def load(cls, config_path: str | None, overrides: list[str] | None, root: str | None) -> "Dag":
@@ -49,29 +57,35 @@ class Dag:
     def extract(self, split: str) -> str:
         """The cache of one split: an explicit ``inputs.<split>_cache``, else extract (or hit)."""
         if getattr(self.cfg.inputs, f"{split}_cache"):
-            return resolve_cache(self.cfg, self.store, split)
-        return submit(ExtractStage(split), self.ctx, {})
+            return self._note(f"{split}_cache", resolve_cache(self.cfg, self.store, split))
+        return self._note(f"{split}_cache", submit(ExtractStage(split), self.ctx, {}))
 
     def eval_cache(self) -> str | None:
         return self.extract("eval") if self.has_split("eval") else None
 
     def teacher_topk(self, train: str) -> str:
-        return submit(TeacherTopkStage(), self.ctx, {"cache": train})
+        return self._note("teacher_topk", submit(TeacherTopkStage(), self.ctx, {"cache": train}))
 
     def heads(self, train: str | None, ev: str | None) -> str:
         if self.cfg.inputs.heads:
-            return self.store.resolve(self.cfg.inputs.heads, TrainHeadsStage.name).key
+            return self._note("heads", self.store.resolve(self.cfg.inputs.heads, TrainHeadsStage.name).key)
         topk = self.teacher_topk(train) if train and self.cfg.heads.efficient_loss else None
-        return submit(TrainHeadsStage(), self.ctx, {"cache": train, "teacher_topk": topk, "eval_cache": ev})
+        return self._note("heads", submit(TrainHeadsStage(), self.ctx,
+                                          {"cache": train, "teacher_topk": topk, "eval_cache": ev}))
 
     def gates(self, train: str, heads: str, ev: str | None) -> str:
         if self.cfg.inputs.gates:
-            return self.store.resolve(self.cfg.inputs.gates, TrainGatesStage.name).key
-        return submit(TrainGatesStage(), self.ctx, {"cache": train, "heads": heads, "eval_cache": ev})
+            return self._note("gates", self.store.resolve(self.cfg.inputs.gates, TrainGatesStage.name).key)
+        return self._note("gates", submit(TrainGatesStage(), self.ctx, {"cache": train, "heads": heads, "eval_cache": ev}))
 
     def calibrate(self, calib: str, heads: str, gates: str | None, ev: str | None) -> str:
-        return submit(CalibrateStage(), self.ctx, {"calib_cache": calib, "heads": heads, "gates": gates,
-                                                   "eval_cache": ev})
+        return self._note("calibration", submit(CalibrateStage(), self.ctx, {
+            "calib_cache": calib, "heads": heads, "gates": gates, "eval_cache": ev}))
+
+    def evaluate(self, ev: str, heads: str, gates: str | None, calibration: str, train: str | None) -> str:
+        topk = self.teacher_topk(train) if train and self.cfg.evaluate.decode and self.cfg.evaluate.draft_vocab else None
+        return self._note("evaluation", submit(EvaluateStage(), self.ctx, {
+            "eval_cache": ev, "heads": heads, "gates": gates, "calibration": calibration, "teacher_topk": topk}))
 
 
 @flow(name="extract", log_prints=True)
@@ -79,8 +93,8 @@ def extract_flow(config_path: str | None = None, overrides: list[str] | None = N
                  split: str | None = None) -> dict[str, str]:
     """Extract one split's hidden states into a content-addressed zarr cache."""
     dag = Dag.load(config_path, overrides, root)
-    split = split or dag.cfg.extract.split
-    return {f"{split}_cache": dag.extract(split)}
+    dag.extract(split or dag.cfg.extract.split)
+    return dag.keys
 
 
 @flow(name="teacher_topk", log_prints=True)
@@ -89,50 +103,67 @@ def teacher_topk_flow(config_path: str | None = None, overrides: list[str] | Non
     """The final layer's top-k per token of the train cache (extracted first if missing),
     which the efficient head-training loss reads."""
     dag = Dag.load(config_path, overrides, root)
-    train = dag.extract("train")
-    return {"train_cache": train, "teacher_topk": dag.teacher_topk(train)}
+    dag.teacher_topk(dag.extract("train"))
+    return dag.keys
 
 
 @flow(name="train_heads", log_prints=True)
 def train_heads_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                     root: str | None = None) -> dict[str, str | None]:
+                     root: str | None = None) -> dict[str, str]:
     """Train early-exit heads from the train cache (extracted first if missing), or with the
     backbone running every step (``heads.mode: online``), and evaluate them against the logit
     lens on the eval cache."""
     dag = Dag.load(config_path, overrides, root)
     train = dag.extract("train") if dag.cfg.heads.mode == "offline" else None  # online: no train cache
-    ev = dag.eval_cache()
-    return {"train_cache": train, "eval_cache": ev, "heads": dag.heads(train, ev)}
+    dag.heads(train, dag.eval_cache())
+    return dag.keys
 
 
 @flow(name="train_gates", log_prints=True)
 def train_gates_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                     root: str | None = None) -> dict[str, str | None]:
+                     root: str | None = None) -> dict[str, str]:
     """Train one exit gate per head (heads trained first if missing)."""
     dag = Dag.load(config_path, overrides, root)
     train, ev = dag.extract("train"), dag.eval_cache()
-    heads = dag.heads(train, ev)
-    return {"train_cache": train, "eval_cache": ev, "heads": heads, "gates": dag.gates(train, heads, ev)}
+    dag.gates(train, dag.heads(train, ev), ev)
+    return dag.keys
 
 
 @flow(name="calibrate", log_prints=True)
 def calibrate_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                   root: str | None = None) -> dict[str, str | None]:
+                   root: str | None = None) -> dict[str, str]:
     """Entropy and gate thresholds per head and accuracy level, with a Learn-then-Test
     guarantee, checked on the eval split."""
     dag = Dag.load(config_path, overrides, root)
     train, ev, calib = dag.extract("train"), dag.eval_cache(), dag.extract("calib")
     heads = dag.heads(train, ev)
+    dag.calibrate(calib, heads, dag.gates(train, heads, ev), ev)
+    return dag.keys
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None,
+                  root: str | None = None) -> dict[str, str]:
+    """What the heads buy on the eval split: head quality, guarantees held, cascade savings,
+    gate operating points, and (``evaluate.decode``) self-speculative decoding against greedy."""
+    dag = Dag.load(config_path, overrides, root)
+    if not dag.has_split("eval"):
+        raise ConfigError("evaluate needs an eval split: give data.fractions an eval share > 0 or set "
+                          "inputs.eval_cache")
+    train, ev, calib = dag.extract("train"), dag.eval_cache(), dag.extract("calib")
+    heads = dag.heads(train, ev)
     gates = dag.gates(train, heads, ev)
-    return {"train_cache": train, "eval_cache": ev, "calib_cache": calib, "heads": heads, "gates": gates,
-            "calibration": dag.calibrate(calib, heads, gates, ev)}
+    dag.evaluate(ev, heads, gates, dag.calibrate(calib, heads, gates, ev), train)
+    return dag.keys
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                  root: str | None = None) -> dict[str, str | None]:
+                  root: str | None = None) -> dict[str, str]:
     """Every implemented stage, in DAG order; unchanged stages are cache hits."""
-    keys = calibrate_flow(config_path=config_path, overrides=overrides, root=root)
+    dag = Dag.load(config_path, overrides, root)
+    run = evaluate_flow if dag.has_split("eval") else calibrate_flow
+    keys = run(config_path=config_path, overrides=overrides, root=root)
     store = ArtifactStore(root)
     store.set_pointer("latest", CalibrateStage.name, keys["calibration"], **{k: v for k, v in keys.items() if v})
     if store.get_pointer("current") is None:  # the first calibration is what a deployment starts from
@@ -142,5 +173,6 @@ def pipeline_flow(config_path: str | None = None, overrides: list[str] | None = 
 
 
 FLOWS = {"extract": extract_flow, "teacher_topk": teacher_topk_flow, "train_heads": train_heads_flow,
-         "train_gates": train_gates_flow, "calibrate": calibrate_flow, "all": pipeline_flow}
+         "train_gates": train_gates_flow, "calibrate": calibrate_flow, "evaluate": evaluate_flow,
+         "all": pipeline_flow}
 """What `exitflow run <name>` runs (recalibration has its own flow in :mod:`flows.recalibrate`)."""

@@ -204,6 +204,40 @@ class CalibrateConfig(_Section):
         return sorted(v)
 
 
+class EvaluateConfig(_Section):
+    max_tokens: int | None = Field(None, gt=0)
+    """Score at most this many eval tokens (None: the whole eval cache)."""
+    decode: bool = True
+    """Also generate with the heads (self-speculative and plain greedy, same prompts) and
+    compare speed and output; loads the backbone."""
+    prompts: int = Field(4, gt=0)
+    """Prompts drawn from the eval documents (seeded) for the decoding comparison."""
+    prompt_tokens: int = Field(64, gt=0)
+    """Tokens per prompt."""
+    new_tokens: int = Field(32, gt=0)
+    """Tokens generated per prompt."""
+    exit_layers: list[int] | None = None
+    """Draft exit layers to compare; None: every head's layer in the lower half of the model."""
+    draft_lens: list[int] = Field(default_factory=lambda: [4])
+    """Fixed draft lengths k to compare (each >= 1); an adaptive draft (up to the largest k,
+    stopped by the head's calibrated entropy threshold) runs beside them."""
+    draft_level: float | None = Field(None, gt=0, lt=1)
+    """Calibrated level whose entropy thresholds stop adaptive drafts and early exits; must be
+    one of calibrate.levels. None: 0.9 when calibrated, else the nearest calibrated level."""
+    draft_vocab: int | None = Field(4096, gt=0)
+    """Reduced draft vocabulary: the N most frequent teacher top-1 tokens of the train cache;
+    None: the full vocabulary."""
+    seed: int = 0
+    """Seed of the prompt draw."""
+
+    @field_validator("draft_lens")
+    @classmethod
+    def _check_draft_lens(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"draft_lens {v}: give draft lengths >= 1, e.g. [2, 4]")
+        return sorted(set(v))
+
+
 class InputsConfig(_Section):
     """Explicit upstream artifacts (a key or a unique prefix, as `exitflow ls` shows) to use
     instead of the ones the rest of the config implies. Unset: derived from the config."""
@@ -223,6 +257,7 @@ class Config(_Section):
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 def _format_errors(err: ValidationError) -> str:

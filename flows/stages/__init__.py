@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flows.stages.base import Stage
 from flows.stages.calibrate import CalibrateStage
+from flows.stages.evaluate import EvaluateStage
 from flows.stages.extract import ExtractStage
 from flows.stages.recalibrate import RecalibrateStage
 from flows.stages.teacher_topk import TeacherTopkStage
@@ -13,7 +14,8 @@ from flows.stages.train_heads import TrainHeadsStage
 
 STAGES: dict[str, type[Stage]] = {
     cls.name: cls
-    for cls in (ExtractStage, TeacherTopkStage, TrainHeadsStage, TrainGatesStage, CalibrateStage, RecalibrateStage)
+    for cls in (ExtractStage, TeacherTopkStage, TrainHeadsStage, TrainGatesStage, CalibrateStage, EvaluateStage,
+                RecalibrateStage)
 }
 """Every registered stage by name, in DAG order."""
 

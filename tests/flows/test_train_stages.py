@@ -150,13 +150,16 @@ def test_every_registered_stage_plans_its_key_without_loading_a_model(trained, m
     monkeypatch.setattr("flows.stages.extract.load_backbone", no_model)
     monkeypatch.setattr("flows.stages.train_heads.load_backbone", no_model)
     cfg, store, keys = trained
-    assert list(STAGES) == ["extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "recalibrate"]
+    assert list(STAGES) == ["extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "evaluate",
+                            "recalibrate"]
     inputs = {
         "extract": {}, "teacher_topk": {"cache": keys["train"]},
         "train_heads": {"cache": keys["train"], "teacher_topk": keys["teacher_topk"], "eval_cache": keys["eval"]},
         "train_gates": {"cache": keys["train"], "heads": keys["heads"], "eval_cache": keys["eval"]},
         "calibrate": {"calib_cache": keys["calib"], "heads": keys["heads"], "gates": keys["gates"],
                       "eval_cache": keys["eval"]},
+        "evaluate": {"eval_cache": keys["eval"], "heads": keys["heads"], "gates": keys["gates"],
+                     "calibration": keys["calibration"], "teacher_topk": keys["teacher_topk"]},
         "recalibrate": {"calibration": keys["calibration"]},
     }
     existing = {"extract": keys["train"], "teacher_topk": keys["teacher_topk"], "train_heads": keys["heads"],
@@ -208,3 +211,50 @@ def test_reported_logit_lens_is_the_models_own(family, tmp_path, make_tiny_famil
         h = f16(states[2]).reshape(-1, model.config.hidden_size)
         torch.testing.assert_close(load_teacher(store, ev).lens_logits(h), model.lm_head(final_norm(h)),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_stage_measures_heads_guarantees_cascade_and_decoding(trained, tiny_model_dir, corpus_dir):
+    from flows.stages.evaluate import EvaluateStage
+
+    cfg, store, keys = trained
+    cfg = _cfg(tiny_model_dir, corpus_dir, "evaluate.prompts=2", "evaluate.prompt_tokens=16",
+               "evaluate.new_tokens=8", "evaluate.draft_lens=[2,3]",
+               "evaluate.draft_vocab=64")
+    inputs = {"eval_cache": keys["eval"], "heads": keys["heads"], "gates": keys["gates"],
+              "calibration": keys["calibration"], "teacher_topk": keys["teacher_topk"]}
+    key = _run(EvaluateStage(), cfg, store, **inputs)
+    m = store.manifest("evaluate", key)
+    assert m.inputs == inputs
+    metrics = m.metrics
+    assert set(metrics["heads"]) == set(metrics["lens"]) == {"1", "2", "3"}
+    for h in metrics["heads"].values():
+        assert {"agreement", "top5_agreement", "accuracy", "perplexity", "kl_from_teacher", "ece"} <= set(h)
+        assert h["top5_agreement"] >= h["agreement"]
+    assert len(metrics["guarantees"]) == 2 * 3 * 2  # predictor x head x level
+    assert all(0 <= c["compute_saved"] <= 1 for c in metrics["cascade"])
+    assert set(metrics["gates"]) == {"1", "2", "3"}
+    decode = metrics["decode"]
+    assert all(s["identical"] for s in decode["settings"]) and decode["settings"]
+    assert {s["exit_layer"] for s in decode["settings"]} == {1, 2}  # heads in the lower half of the 4 layers
+    assert any(s["vocab_size"] == 64 for s in decode["settings"])
+    assert _run(EvaluateStage(), cfg, store, **inputs) == key  # a hit
+    from reports.evaluation import evaluation_summary
+
+    summary = evaluation_summary(metrics)
+    assert "cascade, layer compute saved" in summary and "guarantees held" in summary and "decoding:" in summary
+
+    # bad input is refused at planning, before any work
+    other = _cfg(tiny_model_dir, corpus_dir, "heads.lr=0.002")
+    other_heads = _run(TrainHeadsStage(), other, store, cache=keys["train"], teacher_topk=keys["teacher_topk"])
+    with pytest.raises(InputMismatch, match="fitted on heads"):
+        _plan(EvaluateStage(), cfg, store, **{**inputs, "heads": other_heads})
+    with pytest.raises(InputMismatch, match=r"exit_layers \[7\] have no head"):
+        _plan(EvaluateStage(), _cfg(tiny_model_dir, corpus_dir, "evaluate.exit_layers=[7]"), store, **inputs)
+    with pytest.raises(InputMismatch, match=r"draft_level=0.7 is not a calibrated level \(\[0.5, 0.8\]\)"):
+        _plan(EvaluateStage(), _cfg(tiny_model_dir, corpus_dir, "evaluate.draft_level=0.7"), store, **inputs)
+    assert m.extra["draft_level"] == 0.8  # the calibrated level nearest 0.9
+    with pytest.raises(Exception, match="draft_lens"):
+        _cfg(tiny_model_dir, corpus_dir, "evaluate.draft_lens=[0]")
+    too_long = _cfg(tiny_model_dir, corpus_dir, "evaluate.prompt_tokens=100000")
+    with pytest.raises(ValueError, match="100000"):
+        _run(EvaluateStage(), too_long, store, **inputs)

@@ -1,0 +1,36 @@
+"""The evaluate stage's metrics as a few lines a person reads at the end of a run (the full
+report with plots builds on the same metrics)."""
+
+from __future__ import annotations
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def evaluation_summary(metrics: dict) -> str:
+    """Per head: agreement with the final layer against the logit lens; the cascade's layer
+    compute saved at each guaranteed level; how many guarantees held on eval tokens; and the
+    best self-speculative decoding setting (metrics: an evaluate manifest's ``metrics``)."""
+    lines = ["head  agreement  (logit lens)  top-5   KL to teacher"]
+    for layer, h in metrics["heads"].items():
+        lens = metrics["lens"][layer]
+        lines.append(f"{layer:>4}  {_pct(h['agreement']):>9}  ({_pct(lens['agreement']):>10})  "
+                     f"{_pct(h['top5_agreement']):>6}  {_num(h['kl_from_teacher'], 3)}")
+    saved = [f"{c['predictor']} {c['level']:g}: {_pct(c['compute_saved'])}" for c in metrics["cascade"]]
+    lines.append("cascade, layer compute saved on eval tokens: " + ", ".join(saved))
+    held = sum(bool(g["held"]) for g in metrics["guarantees"])
+    lines.append(f"guarantees held on eval tokens: {held} of {len(metrics['guarantees'])}")
+    decode = metrics.get("decode")
+    if decode:
+        best = next((s for s in decode["settings"] if s["name"] == decode.get("best")), None)
+        greedy = decode.get("greedy_tokens_per_s")
+        if best:
+            lines.append(f"decoding: greedy {greedy:.1f} tokens/s; best self-speculative {best['name']}: "
+                         f"{best['tokens_per_s']:.1f} tokens/s ({best['speedup']:.2f}x), acceptance "
+                         f"{_num(best['acceptance'])}, tau {_num(best['tau'])}, output identical to greedy")
+    return "\n".join(lines)
