@@ -19,11 +19,17 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
 from pipeline.data import looks_like_path
+from pipeline.fingerprint import sha256_file
 from pipeline.norm import FINAL_NORM_NAMES, FinalNormSpec, NormError, describe_norm
 from pipeline.teacher import TeacherWeights
 
@@ -108,15 +114,6 @@ def embedded_gguf_path() -> Path:
             f"`{_INSTALL_EMBEDDED} --force-reinstall`"
         )
     return path
-
-
-def sha256_file(path: Path) -> str:
-    """Content hash of a file, read in 1 MiB blocks so multi-GB weights never sit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

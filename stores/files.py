@@ -8,7 +8,6 @@ itself survives a power cut.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -17,8 +16,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-HASH_BLOCK = 1 << 22
-"""Bytes read per step when hashing (4 MiB)."""
+from pipeline.fingerprint import sha256_file as file_sha256  # noqa: F401  (the one file hasher; stores memoise it)
 
 
 class TensorFileError(RuntimeError):
@@ -62,15 +60,6 @@ def write_atomic(path: Path, content: bytes | Callable[[BinaryIO], None]) -> Non
 def write_json_atomic(path: Path, data: Any) -> None:
     """JSON (sorted keys, indented) written with :func:`write_atomic`."""
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
