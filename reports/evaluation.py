@@ -17,7 +17,7 @@ def evaluation_summary(metrics: dict) -> str:
     compute saved at each guaranteed level; how many guarantees held on eval tokens; and the
     best self-speculative decoding setting (metrics: an evaluate manifest's ``metrics``)."""
     lines = ["head  agreement  (logit lens)  top-5   KL to teacher"]
-    for layer, h in metrics["heads"].items():
+    for layer, h in sorted(metrics["heads"].items(), key=lambda kv: int(kv[0])):
         lens = metrics["lens"][layer]
         lines.append(f"{layer:>4}  {_pct(h['agreement']):>9}  ({_pct(lens['agreement']):>10})  "
                      f"{_pct(h['top5_agreement']):>6}  {_num(h['kl_from_teacher'], 3)}")

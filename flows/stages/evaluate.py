@@ -115,9 +115,11 @@ def _decode(ctx: StageContext, plan: Plan, heads: nn.ModuleDict, calibration: Ca
         result = compare_decoding(decoder, heads, prompts, cfg.new_tokens, settings, entropy_thresholds=thresholds,
                                   draft_vocab=draft_vocab, early_exit_thresholds=thresholds, progress=ctx.progress)
     best = result.best
-    log.info("decode: greedy %.1f tokens/s; best %s at %.2fx (acceptance %.2f, tau %.2f); identical output: %s",
-             result.greedy_tokens_per_s, best.setting.name if best else "-", best.speedup if best else float("nan"),
-             best.acceptance if best else float("nan"), best.tau if best else float("nan"), result.all_identical)
+    if best is None:
+        log.info("decode: greedy %.1f tokens/s; no setting kept the greedy output", result.greedy_tokens_per_s)
+    else:
+        log.info("decode: greedy %.1f tokens/s; best %s at %.2fx (%d drafted, %d accepted)", result.greedy_tokens_per_s,
+                 best.setting.name, best.speedup, best.drafted, best.accepted)
     if not result.all_identical:
         raise RuntimeError("self-speculative decoding changed the greedy output (" + "; ".join(
             f"{r.setting.name}: prompt {r.first_mismatch.prompt} position {r.first_mismatch.position}"
