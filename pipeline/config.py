@@ -238,6 +238,46 @@ class EvaluateConfig(_Section):
         return sorted(set(v))
 
 
+class QuantizeConfig(_Section):
+    """Retraining of the trained heads (and gates) as ternary BitNet b1.58 networks: every
+    linear map becomes a `pipeline.ternary.BitLinear` initialised from the trained float
+    weights, then trained with the heads' own loss (gates: their joint loss) plus λ_q times
+    the quantization loss."""
+
+    hadamard: bool = False
+    """Rotate each BitLinear's input by a Hadamard transform before the 8-bit activation
+    quantization (H-BitLinear): spreads outlier dimensions over all of them."""
+    quant_weight: float = Field(0.0, ge=0)
+    """λ_q of the quantization loss (distance between latent float and ternary weights); 0: the
+    straight-through estimator alone pulls the weights toward their ternary values."""
+    routing_weight: float = Field(0.0, ge=0)
+    """λ_r of the gates' routing loss MSE(expected exit layer, oracle exit layer) while the
+    ternary gates retrain; 0 disables it."""
+    epochs: int = Field(2, gt=0)
+    """Passes over the train cache, for the heads and again for the gates."""
+    batch_tokens: int = Field(1024, gt=0)
+    """Tokens per optimizer step."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak AdamW learning rate on the latent float weights (after warm-up; cosine decay)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay of the latent matrices; it shrinks them toward the ternary zero."""
+    warmup_steps: int = Field(20, ge=0)
+    """Optimizer steps of linear learning-rate warm-up."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Gradient norm clip."""
+    buffer_chunks: int = Field(4, gt=0)
+    """Chunks held in memory by the shuffling reader."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps (per epoch budget is then spread evenly)."""
+    seed: int = 0
+    """Seed of the batch order, negatives and exit samples."""
+    quant_warmup_steps: int = Field(0, ge=0)
+    """Phase quantization in: over these first steps each ternary layer's output moves linearly
+    from its float value to its quantized one; 0: quantized from the first step."""
+    gates: bool = True
+    """Also retrain the gates as ternary networks (on the ternary heads' labels)."""
+
+
 class InputsConfig(_Section):
     """Explicit upstream artifacts (a key or a unique prefix, as `exitflow ls` shows) to use
     instead of the ones the rest of the config implies. Unset: derived from the config."""
@@ -257,6 +297,7 @@ class Config(_Section):
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.config import HeadsConfig
 from pipeline.fit import CheckpointIO, FitTask, StepOut, fit_epochs, rng_devices, throughput
@@ -127,14 +128,125 @@ def _check_topk(cfg: HeadsConfig, stored: TeacherTopK, source: BatchSource) -> N
                          f"recompute it with k >= {cfg.topk} or lower heads.topk")
 
 
+@dataclass
+class HeadObjective:
+    """What a head-training step and the per-epoch probe need, apart from which heads train:
+    `train_heads` (float heads) and `pipeline.quantize` (their ternary retraining) share it, so
+    both minimise one loss, probed one way. Built by `prepare_head_objective`."""
+
+    cfg: HeadsConfig
+    layers: list[int]
+    weights: list[float]
+    """Per-layer loss weights (`layer_weights`), in `layers` order."""
+    names: list[str]
+    """Arrays each step reads."""
+    teacher: TeacherWeights
+    """On `device`."""
+    stored: TeacherTopK | None
+    """The precomputed teacher top-k the efficient loss reads by row, or None."""
+    probe: dict[str, np.ndarray]
+    probe_top1: np.ndarray | None
+    """[p] the probe's teacher top-1 from `stored`; None: from the probe's final states."""
+    inclusion: torch.Tensor | None
+    """[V] each token's chance to be a negative (the `frequency` proposal), set once per run."""
+    generator: torch.Generator
+    device: torch.device
+
+    def candidates(self, batch: dict[str, np.ndarray], targets: torch.Tensor) -> TopkCandidates:
+        cfg, device = self.cfg, self.device
+        if self.stored is not None:
+            ids, logprobs = self.stored.rows(batch["row"], cfg.topk)  # [n, k], [n, k]
+            ids, logprobs = batch_tensor(ids, device), batch_tensor(logprobs, device)
+        else:
+            ids, logprobs = topk_of_batch(self.teacher, batch_tensor(batch["final"], device), cfg.topk)  # [n, k] x2
+        return TopkCandidates.build(ids, logprobs, targets, self.teacher.vocab_size, cfg.negatives,
+                                    with_target=cfg.loss != "kl", generator=self.generator, inclusion=self.inclusion)
+
+    def step(self, heads: nn.ModuleDict, batch: dict[str, np.ndarray],
+             extra: Callable[[nn.Module], torch.Tensor] | None = None) -> StepOut:
+        """Forward and backward of every head on one batch. Each head's weighted loss (plus
+        `extra(head)`, a regulariser of that head alone) is backpropagated as soon as it is
+        computed, so only one head's graph is alive at a time (the gradient equals that of the
+        summed loss: heads share no trainable parameter). Parts: one per head."""
+        cfg, device = self.cfg, self.device
+        targets = batch_tensor(batch["targets"].astype(np.int64), device)  # [n]
+        with torch.no_grad():
+            if cfg.efficient_loss:
+                cand, teacher_logits = self.candidates(batch, targets), None
+            else:
+                cand, teacher_logits = None, self.teacher.logits(batch_tensor(batch["final"], device))  # [n, V], once
+        losses = []
+        for w, layer in zip(self.weights, self.layers):
+            head = heads[str(layer)]
+            feats = head.features(batch_tensor(batch[layer_key(layer)], device))  # [n, H]
+            if cand is not None:
+                loss = topk_distill_loss(head, feats, cand, cfg)  # via [n, k + m (+1)]
+            else:
+                loss = head_loss(head.project(feats), teacher_logits, targets, cfg)  # via [n, V]
+            loss = w * loss if extra is None else w * loss + extra(head)
+            loss.backward()
+            losses.append(loss.detach())
+        return StepOut(parts=torch.stack(losses), rows=int(targets.shape[0]))  # [K]
+
+    def probe_metrics(self, heads: nn.ModuleDict) -> dict[str, Any]:
+        """Full-vocabulary agreement and accuracy of every head on the probe (no grad)."""
+        scores, valid = score_rows(heads, self.teacher, self.probe, self.layers, self.device,
+                                   teacher_top1=self.probe_top1)
+        return {
+            "agreement": {layer: float(s.correct.mean()) for layer, s in scores.items()},
+            "accuracy": {layer: float(s.correct_true[valid].mean()) if valid.any() else float("nan")
+                         for layer, s in scores.items()},
+        }
+
+    def signature(self, num_layers: int, num_tokens: int) -> dict[str, Any]:
+        """What a checkpoint of a training with this objective must match."""
+        return {"config": self.cfg.model_dump(mode="json"), "layers": self.layers, "num_layers": int(num_layers),
+                "vocab_size": self.teacher.vocab_size, "hidden_size": self.teacher.hidden_size,
+                "num_tokens": int(num_tokens), "teacher_topk": None if self.stored is None else "precomputed"}
+
+
+def prepare_head_objective(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teacher: TeacherWeights,
+                           source: BatchSource, generator: torch.Generator, device: torch.device,
+                           teacher_topk: TeacherTopK | None = None) -> HeadObjective:
+    """Check the inputs, read the probe and (for the `frequency` proposal) the token mass once
+    per run. Draws nothing from the torch RNG, so it can follow the heads' initialisation."""
+    layers = check_layers(layers)
+    teacher_d = teacher.to(device)  # once, not per batch
+    stored = teacher_topk if cfg.efficient_loss else None
+    if teacher_topk is not None and stored is None:
+        logger.info("heads: the full loss does not use the precomputed teacher top-k; ignoring it")
+    if stored is not None:
+        _check_topk(cfg, stored, source)
+    names = [layer_key(layer) for layer in layers]
+    names += ["targets", "row"] if stored is not None else ["final", "targets"]
+    probe = _read_probe(source, names, PROBE_ROWS)
+    probe_top1 = None if stored is None else stored.rows(probe["row"], 1)[0][:, 0]  # [p] teacher top-1
+    inclusion = None
+    if cfg.efficient_loss and cfg.negative_proposal == "frequency":
+        proposal = negative_proposal(_token_mass(cfg, teacher_d, stored, source, device), cfg.proposal_power)  # [V]
+        inclusion = inclusion_probabilities(proposal, cfg.negatives)  # [V]
+    return HeadObjective(cfg=cfg, layers=layers, weights=layer_weights(layers, num_layers, cfg.layer_weights),
+                         names=names, teacher=teacher_d, stored=stored, probe=probe, probe_top1=probe_top1,
+                         inclusion=inclusion, generator=generator, device=device)
+
+
+def head_epoch_metrics(history: list[dict[str, Any]]) -> list[EpochMetrics]:
+    """`EpochMetrics` of a `FitOutcome.history` whose end-of-epoch metrics are `probe_metrics`."""
+    return [
+        EpochMetrics(epoch=r["epoch"], loss=r["loss"], agreement=dict(r["agreement"]), accuracy=dict(r["accuracy"]),
+                     tokens=r["tokens"], seconds=r["seconds"],
+                     tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] > 0 else float("nan"))
+        for r in history
+    ]
+
+
 def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teacher: TeacherWeights,
                 source: BatchSource, *, checkpoints: CheckpointIO | None = None, progress: bool = True,
                 device: str | torch.device = "cpu", teacher_topk: TeacherTopK | None = None) -> HeadsResult:
     """Train one exit head per layer to reproduce the final layer (and/or the true next token).
 
-    Per step one batch of `cfg.batch_tokens` rows is read. Each head's weighted loss is
-    backpropagated as soon as it is computed, so only one head's graph is alive at a time (the
-    gradient equals that of the summed loss: heads share no trainable parameter).
+    Per step one batch of `cfg.batch_tokens` rows is read; `HeadObjective.step` computes and
+    backpropagates each head's weighted loss in turn.
 
     Full loss: the teacher's logits are computed once per batch from the cached final state
     and shared by every head; each head builds [n, V] logits.
@@ -148,82 +260,24 @@ def train_heads(cfg: HeadsConfig, layers: Sequence[int], num_layers: int, teache
     or a cache without a precomputed top-k). `teacher_topk` is ignored by the full loss.
     """
     layers = check_layers(layers)
-    weights = layer_weights(layers, num_layers, cfg.layer_weights)
     device = torch.device(device)
-    teacher_d = teacher.to(device)  # once, not per batch
-    stored = teacher_topk if cfg.efficient_loss else None
-    if teacher_topk is not None and stored is None:
-        logger.info("heads: the full loss does not use the precomputed teacher top-k; ignoring it")
-    if stored is not None:
-        _check_topk(cfg, stored, source)
-    names = [layer_key(layer) for layer in layers]
-    names += ["targets", "row"] if stored is not None else ["final", "targets"]
 
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(cfg.seed)
         heads = build_heads(cfg, layers, teacher).to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        probe = _read_probe(source, names, PROBE_ROWS)
-        probe_top1 = None if stored is None else stored.rows(probe["row"], 1)[0][:, 0]  # [p] teacher top-1
-        inclusion = None  # [V] each token's chance to be a negative, set once per run
-        if cfg.efficient_loss and cfg.negative_proposal == "frequency":
-            proposal = negative_proposal(_token_mass(cfg, teacher_d, stored, source, device), cfg.proposal_power)  # [V]
-            inclusion = inclusion_probabilities(proposal, cfg.negatives)  # [V]
+        objective = prepare_head_objective(cfg, layers, num_layers, teacher, source, generator, device, teacher_topk)
 
-        def candidates(batch: dict[str, np.ndarray], targets: torch.Tensor) -> TopkCandidates:
-            if stored is not None:
-                ids, logprobs = stored.rows(batch["row"], cfg.topk)  # [n, k], [n, k]
-                ids, logprobs = batch_tensor(ids, device), batch_tensor(logprobs, device)
-            else:
-                ids, logprobs = topk_of_batch(teacher_d, batch_tensor(batch["final"], device), cfg.topk)  # [n, k] x2
-            return TopkCandidates.build(ids, logprobs, targets, teacher.vocab_size, cfg.negatives,
-                                        with_target=cfg.loss != "kl", generator=generator, inclusion=inclusion)
-
-        def step(batch: dict[str, np.ndarray]) -> StepOut:
-            targets = batch_tensor(batch["targets"].astype(np.int64), device)  # [n]
-            with torch.no_grad():
-                if cfg.efficient_loss:
-                    cand, teacher_logits = candidates(batch, targets), None
-                else:
-                    cand, teacher_logits = None, teacher_d.logits(batch_tensor(batch["final"], device))  # [n, V], once
-            losses = []
-            for w, layer in zip(weights, layers):
-                head = heads[str(layer)]
-                feats = head.features(batch_tensor(batch[layer_key(layer)], device))  # [n, H]
-                if cand is not None:
-                    loss = topk_distill_loss(head, feats, cand, cfg)  # via [n, k + m (+1)]
-                else:
-                    loss = head_loss(head.project(feats), teacher_logits, targets, cfg)  # via [n, V]
-                (w * loss).backward()
-                losses.append((w * loss).detach())
-            return StepOut(parts=torch.stack(losses), rows=int(targets.shape[0]))  # [K]
-
-        def end_epoch() -> dict[str, Any]:
-            scores, valid = score_rows(heads, teacher_d, probe, layers, device, teacher_top1=probe_top1)
-            return {
-                "agreement": {layer: float(s.correct.mean()) for layer, s in scores.items()},
-                "accuracy": {layer: float(s.correct_true[valid].mean()) if valid.any() else float("nan")
-                             for layer, s in scores.items()},
-            }
-
-        base = end_epoch()
+        base = objective.probe_metrics(heads)
         logger.info("heads before training (logit lens with the final norm), probe agreement %s", base["agreement"])
         task = FitTask(
-            stage="heads", code_version=HEADS_CODE_VERSION, module=heads, names=names,
-            part_names=[f"head {layer}" for layer in layers], step=step, end_epoch=end_epoch, generator=generator,
-            signature={"config": cfg.model_dump(mode="json"), "layers": layers, "num_layers": int(num_layers),
-                       "vocab_size": teacher.vocab_size, "hidden_size": teacher.hidden_size,
-                       "num_tokens": int(source.num_tokens), "code_version": HEADS_CODE_VERSION,
-                       "teacher_topk": None if stored is None else "precomputed"},
+            stage="heads", code_version=HEADS_CODE_VERSION, module=heads, names=objective.names,
+            part_names=[f"head {layer}" for layer in layers], step=lambda batch: objective.step(heads, batch),
+            end_epoch=lambda: objective.probe_metrics(heads), generator=generator,
+            signature={**objective.signature(num_layers, source.num_tokens), "code_version": HEADS_CODE_VERSION},
         )
         fit = fit_epochs(task, cfg, source, checkpoints, progress, device)
 
-    epochs = [
-        EpochMetrics(epoch=r["epoch"], loss=r["loss"], agreement=dict(r["agreement"]), accuracy=dict(r["accuracy"]),
-                     tokens=r["tokens"], seconds=r["seconds"],
-                     tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] > 0 else float("nan"))
-        for r in fit.history
-    ]
     state = {k: v.detach().cpu().clone() for k, v in heads_state_dict(heads).items()}
-    return HeadsResult(state=state, epochs=epochs, steps=fit.steps, tokens_per_s=throughput(fit.history),
-                       resumed_from_epoch=fit.resumed_from_epoch)
+    return HeadsResult(state=state, epochs=head_epoch_metrics(fit.history), steps=fit.steps,
+                       tokens_per_s=throughput(fit.history), resumed_from_epoch=fit.resumed_from_epoch)
