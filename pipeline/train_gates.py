@@ -12,7 +12,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -112,15 +112,96 @@ class _HeldOutSlice:
             self.entropy[layer] = np.concatenate(entropy) if entropy else np.empty(0, np.float32)  # [m]
 
 
-@torch.no_grad()
-def _gate_auroc(gates: nn.ModuleDict, held: _HeldOutSlice, device: torch.device) -> dict[int, float]:
-    out = {}
-    for layer in held.layers:
-        states = held.states[layer]  # [m, H]
-        p = torch.cat([gates[str(layer)].exit_probability(states[a : a + _PROB_BLOCK_ROWS].to(device))
-                       for a in range(0, len(states), _PROB_BLOCK_ROWS)]) if len(states) else torch.empty(0)  # [m]
-        out[layer] = auroc(held.correct[layer], p.float().cpu().numpy())
-    return out
+@dataclass
+class GateLabels:
+    """The label pass of gate training, kept for its epochs: per row, whether each head agrees
+    with the final layer, which rows train, and the held-out slice the AUROC is measured on.
+    `train_gates` and the ternary retraining (`pipeline.quantize`) share it."""
+
+    layers: list[int]
+    table: np.ndarray
+    """[num_tokens, K] bool: head k agrees with the final layer at that row (False: unlabelled)."""
+    usable: np.ndarray
+    """[num_tokens] bool: labelled and not held out."""
+    held: _HeldOutSlice
+    sha256: str
+    """Hash of the labelled rows and their labels: a checkpoint refuses to resume on others."""
+
+    def step(self, gates: nn.ModuleDict, batch: dict[str, np.ndarray], cfg: GatesConfig, num_layers: int,
+             generator: torch.Generator, device: torch.device,
+             extra: Callable[[], torch.Tensor] | None = None) -> StepOut:
+        """`gate_loss` of every gate on the batch's usable rows (plus `extra()`), backpropagated.
+        Parts: the one loss; extras: `gate_loss`'s components."""
+        r = batch["row"].astype(np.int64)  # [b]
+        keep = self.usable[r]  # [b]
+        if not keep.any():
+            return StepOut(parts=None, rows=0)
+        logits = torch.stack([gates[str(layer)](batch_tensor(batch[layer_key(layer)][keep], device))
+                              for layer in self.layers], dim=1)  # [n, K]
+        target = batch_tensor(self.table[r[keep]], device)  # [n, K] bool
+        loss, parts = gate_loss(logits, target, cfg, self.layers, num_layers, generator=generator)
+        if extra is not None:
+            loss = loss + extra()
+        loss.backward()
+        return StepOut(parts=loss.detach().reshape(1), rows=int(keep.sum()),
+                       extras={k: v for k, v in parts.items() if k != "loss"})
+
+    @torch.no_grad()
+    def gate_auroc(self, gates: nn.ModuleDict, device: torch.device) -> dict[int, float]:
+        """Per gate: AUROC of p_exit for "the head agrees" on the held-out slice."""
+        out = {}
+        for layer in self.layers:
+            states = self.held.states[layer]  # [m, H]
+            p = torch.cat([gates[str(layer)].exit_probability(states[a : a + _PROB_BLOCK_ROWS].to(device))
+                           for a in range(0, len(states), _PROB_BLOCK_ROWS)]) if len(states) else torch.empty(0)  # [m]
+            out[layer] = auroc(self.held.correct[layer], p.float().cpu().numpy())
+        return out
+
+    def entropy_auroc(self) -> dict[int, float]:
+        """The same rows with the head's own -entropy as the score: the baseline a gate must beat."""
+        return {layer: auroc(self.held.correct[layer], -self.held.entropy[layer]) for layer in self.layers}
+
+
+def label_gate_rows(heads: nn.ModuleDict, layers: Sequence[int], teacher: TeacherWeights, source: BatchSource, *,
+                    batch_rows: int, max_label_tokens: int | None = None, progress: bool = False) -> GateLabels:
+    """One no-grad pass (`collect_exit_labels`) labels every row, kept in RAM indexed by row
+    (N x K booleans); the first `GATE_EVAL_ROWS` held-out rows keep their states for the AUROC."""
+    layers = check_layers(layers)
+    missing = sorted(set(layers) - set(head_layers(heads)))
+    if missing:
+        raise ValueError(f"no heads for gate layers {missing} (heads exist for {head_layers(heads)}); "
+                         "train heads for those layers or drop them from the gate layers")
+    heads = nn.ModuleDict({str(layer): heads[str(layer)] for layer in layers})  # a view, no copy
+    held = _HeldOutSlice(layers, GATE_EVAL_ROWS)
+    labels = collect_exit_labels(heads, teacher, source, max_tokens=max_label_tokens, batch_rows=max(batch_rows, 1),
+                                 on_batch=held.add, progress=progress)
+    held.finish(teacher.hidden_size)
+    rows = labels.row  # [N]
+    if rows.min() < 0 or rows.max() >= source.num_tokens:
+        raise ValueError(f"source rows span {rows.min()}..{rows.max()}, outside 0..{source.num_tokens - 1}; "
+                         "the source's `row` must be the global row index")
+    correct = np.stack([labels.correct[layer] for layer in layers], axis=1)  # [N, K] bool
+    table = np.zeros((source.num_tokens, len(layers)), dtype=bool)  # [num_tokens, K]
+    table[rows] = correct
+    usable = np.zeros(source.num_tokens, dtype=bool)  # [num_tokens] labelled and not held out
+    usable[rows[~heldout_mask(rows)]] = True
+    logger.info("gate labels: %d rows (%d for training, %d held out, %d in the AUROC slice); head agreement %s",
+                len(rows), int(usable.sum()), len(rows) - int(usable.sum()), held.n,
+                {layer: round(float(correct[:, k].mean()), 4) for k, layer in enumerate(layers)})
+    if not usable.any():
+        raise ValueError(f"no labelled training rows (max_label_tokens={max_label_tokens}); label more tokens")
+    sha = hashlib.sha256(rows.tobytes() + np.packbits(correct).tobytes()).hexdigest()
+    return GateLabels(layers=layers, table=table, usable=usable, held=held, sha256=sha)
+
+
+def gate_epoch_metrics(history: list[dict[str, Any]]) -> list[GateEpochMetrics]:
+    """`GateEpochMetrics` of a `FitOutcome.history` whose end-of-epoch metrics hold `auroc`."""
+    return [
+        GateEpochMetrics(epoch=r["epoch"], loss=r["loss"], auroc=dict(r["auroc"]), components=dict(r["extras"]),
+                         tokens=r["tokens"], seconds=r["seconds"],
+                         tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] > 0 else float("nan"))
+        for r in history
+    ]
 
 
 def train_gates(cfg: GatesConfig, heads: nn.ModuleDict, layers: Sequence[int], num_layers: int,
@@ -130,81 +211,38 @@ def train_gates(cfg: GatesConfig, heads: nn.ModuleDict, layers: Sequence[int], n
     """Train one exit gate per layer to predict whether that layer's (frozen) head already gives
     the final layer's top-1, with `gate_loss` over the whole cascade.
 
-    First one no-grad pass labels every row (`collect_exit_labels`), kept in RAM indexed by row
-    (N x K booleans); then the gates train on ``layer_<l>`` + ``row`` batches. Rows whose row-hash
-    falls in the held-out 10 % (`heldout_mask`) are never trained on; the AUROC of p_exit on them
-    (the first `GATE_EVAL_ROWS`) is reported per epoch, beside the head's own -entropy on the same
-    rows. `max_label_tokens` labels only the first rows (quick runs): batches keep only labelled
-    rows then, so most of each read is wasted. On resume the labels are recomputed (deterministic);
-    the checkpoint stores a hash of them and refuses to resume on other labels.
+    First one no-grad pass labels every row (`label_gate_rows`); then the gates train on
+    ``layer_<l>`` + ``row`` batches. Rows whose row-hash falls in the held-out 10 %
+    (`heldout_mask`) are never trained on; the AUROC of p_exit on them (the first
+    `GATE_EVAL_ROWS`) is reported per epoch, beside the head's own -entropy on the same rows.
+    `max_label_tokens` labels only the first rows (quick runs): batches keep only labelled
+    rows then, so most of each read is wasted. On resume the labels are recomputed
+    (deterministic); the checkpoint stores a hash of them and refuses to resume on other labels.
     """
     layers = check_layers(layers)
-    missing = sorted(set(layers) - set(head_layers(heads)))
-    if missing:
-        raise ValueError(f"no heads for gate layers {missing} (heads exist for {head_layers(heads)}); "
-                         "train heads for those layers or drop them from the gate layers")
     device = torch.device(device) if device is not None else module_device(heads)
-    heads = nn.ModuleDict({str(layer): heads[str(layer)] for layer in layers})  # a view, no copy
-    K = len(layers)
-
-    held = _HeldOutSlice(layers, GATE_EVAL_ROWS)
-    labels = collect_exit_labels(heads, teacher, source, max_tokens=max_label_tokens,
-                                 batch_rows=max(cfg.batch_tokens, 1), on_batch=held.add, progress=progress)
-    held.finish(teacher.hidden_size)
-    rows = labels.row  # [N]
-    if rows.min() < 0 or rows.max() >= source.num_tokens:
-        raise ValueError(f"source rows span {rows.min()}..{rows.max()}, outside 0..{source.num_tokens - 1}; "
-                         "the source's `row` must be the global row index")
-    correct = np.stack([labels.correct[layer] for layer in layers], axis=1)  # [N, K] bool
-    table = np.zeros((source.num_tokens, K), dtype=bool)  # [num_tokens, K]
-    table[rows] = correct
-    usable = np.zeros(source.num_tokens, dtype=bool)  # [num_tokens] labelled and not held out
-    usable[rows[~heldout_mask(rows)]] = True
-    logger.info("gate labels: %d rows (%d for training, %d held out, %d in the AUROC slice); head agreement %s",
-                len(rows), int(usable.sum()), len(rows) - int(usable.sum()), held.n,
-                {layer: round(float(correct[:, k].mean()), 4) for k, layer in enumerate(layers)})
-    if not usable.any():
-        raise ValueError(f"no labelled training rows (max_label_tokens={max_label_tokens}); label more tokens")
-    labels_hash = hashlib.sha256(rows.tobytes() + np.packbits(correct).tobytes()).hexdigest()
+    labels = label_gate_rows(heads, layers, teacher, source, batch_rows=cfg.batch_tokens,
+                             max_label_tokens=max_label_tokens, progress=progress)
 
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(cfg.seed)
         gates = build_gates(cfg, layers, teacher).to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-
-        def step(batch: dict[str, np.ndarray]) -> StepOut:
-            r = batch["row"].astype(np.int64)  # [b]
-            keep = usable[r]  # [b]
-            if not keep.any():
-                return StepOut(parts=None, rows=0)
-            logits = torch.stack([gates[str(layer)](batch_tensor(batch[layer_key(layer)][keep], device))
-                                  for layer in layers], dim=1)  # [n, K]
-            target = batch_tensor(table[r[keep]], device)  # [n, K] bool
-            loss, parts = gate_loss(logits, target, cfg, layers, num_layers, generator=generator)
-            loss.backward()
-            return StepOut(parts=loss.detach().reshape(1), rows=int(keep.sum()),
-                           extras={k: v for k, v in parts.items() if k != "loss"})
-
         task = FitTask(
             stage="gates", code_version=GATES_CODE_VERSION, module=gates,
             names=[layer_key(layer) for layer in layers] + ["row"],
-            part_names=["gates " + ",".join(map(str, layers))], step=step,
-            end_epoch=lambda: {"auroc": _gate_auroc(gates, held, device)}, generator=generator,
+            part_names=["gates " + ",".join(map(str, layers))],
+            step=lambda batch: labels.step(gates, batch, cfg, num_layers, generator, device),
+            end_epoch=lambda: {"auroc": labels.gate_auroc(gates, device)}, generator=generator,
             signature={"config": cfg.model_dump(mode="json"), "layers": layers, "num_layers": int(num_layers),
                        "hidden_size": teacher.hidden_size, "num_tokens": int(source.num_tokens),
-                       "labels_sha256": labels_hash, "code_version": GATES_CODE_VERSION},
+                       "labels_sha256": labels.sha256, "code_version": GATES_CODE_VERSION},
         )
         fit = fit_epochs(task, cfg, source, checkpoints, progress, device)
 
-    gate_auroc = _gate_auroc(gates, held, device)
-    entropy_auroc = {layer: auroc(held.correct[layer], -held.entropy[layer]) for layer in layers}
+    gate_auroc, entropy_auroc = labels.gate_auroc(gates, device), labels.entropy_auroc()
     logger.info("gates: held-out AUROC of p_exit %s vs -entropy %s", gate_auroc, entropy_auroc)
-    epochs = [
-        GateEpochMetrics(epoch=r["epoch"], loss=r["loss"], auroc=dict(r["auroc"]), components=dict(r["extras"]),
-                         tokens=r["tokens"], seconds=r["seconds"],
-                         tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] > 0 else float("nan"))
-        for r in fit.history
-    ]
     state = {k: v.detach().cpu().clone() for k, v in gates.state_dict().items()}
-    return GatesResult(state=state, epochs=epochs, steps=fit.steps, auroc=gate_auroc, entropy_auroc=entropy_auroc,
-                       heldout_rows=held.n, resumed_from_epoch=fit.resumed_from_epoch)
+    return GatesResult(state=state, epochs=gate_epoch_metrics(fit.history), steps=fit.steps, auroc=gate_auroc,
+                       entropy_auroc=entropy_auroc, heldout_rows=labels.held.n,
+                       resumed_from_epoch=fit.resumed_from_epoch)
