@@ -42,7 +42,7 @@ NORM_EPS = 1e-6
 MIN_HADAMARD_BLOCK = 8
 """Smallest Hadamard block BitLinear accepts: a block of 1-4 channels barely spreads outliers."""
 _CODE_ZERO = 1  # 2-bit code of q = 0 (codes are q + 1), also the padding code
-_UNPACK_CHUNK = 1 << 22  # packed bytes unpacked at a time, bounding the transient memory at load
+_UNPACK_CHUNK = 1 << 20  # packed bytes unpacked at a time, bounding the transient memory at load
 
 
 class TernaryError(ValueError):
@@ -172,7 +172,7 @@ class BitLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, hadamard: bool = False,
-                    norm: bool = False) -> "BitLinear":
+                    norm: bool = False) -> BitLinear:
         """Start from a trained float matrix [out, in]; rotated as W H^T when `hadamard`, so
         that before quantization the layer computes exactly `F.linear(x, weight, bias)`."""
         out_features, in_features = weight.shape
@@ -315,13 +315,14 @@ class PackedBitLinear(nn.Module):
         self.out_features, self.in_features = weight_q.shape
         self.hadamard, self.norm = hadamard, norm
         self.register_buffer("weight_q", weight_q.contiguous())  # [out, in] int8
-        self.register_buffer("gamma", gamma.detach().float().reshape(()))  # []
-        self.register_buffer("bias", None if bias is None else bias.detach().float())  # [out]
+        # Own copies: a tensor read by safetensors may view the whole file's buffer and keep it alive.
+        self.register_buffer("gamma", gamma.detach().float().reshape(()).clone())  # []
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # [out]
         block = _sylvester(hadamard_block_size(self.in_features)) if hadamard else None
         self.register_buffer("hadamard_block", block, persistent=False)  # [b, b]
 
     @classmethod
-    def from_packed(cls, d: dict[str, torch.Tensor]) -> "PackedBitLinear":
+    def from_packed(cls, d: dict[str, torch.Tensor]) -> PackedBitLinear:
         """Build from `pack_bitlinear`'s dict (e.g. read back with safetensors' load_file)."""
         missing = [k for k in ("packed", "gamma", "shape", "hadamard", "norm") if k not in d]
         if missing:
@@ -331,7 +332,7 @@ class PackedBitLinear(nn.Module):
                    hadamard=bool(d["hadamard"].item()), norm=bool(d["norm"].item()))
 
     @classmethod
-    def from_bitlinear(cls, layer: BitLinear) -> "PackedBitLinear":
+    def from_bitlinear(cls, layer: BitLinear) -> PackedBitLinear:
         """Same as packing and loading back, without the 2-bit round trip."""
         state = layer.ternary_state()
         return cls(state["q"], state["gamma"], state["bias"], hadamard=layer.hadamard, norm=layer.norm)
