@@ -248,8 +248,9 @@ class QuantizeConfig(_Section):
     """Rotate each BitLinear's input by a Hadamard transform before the 8-bit activation
     quantization (H-BitLinear): spreads outlier dimensions over all of them."""
     quant_weight: float = Field(0.0, ge=0)
-    """λ_q of the quantization loss (distance between latent float and ternary weights); 0: the
-    straight-through estimator alone pulls the weights toward their ternary values."""
+    """λ_q of the quantization loss MSE(latent float weights, their ternary values), pulling the
+    latent weights onto the grid; 0: only the task loss trains them (through the straight-through
+    estimator), however far from the grid they drift."""
     routing_weight: float = Field(0.0, ge=0)
     """λ_r of the gates' routing loss MSE(expected exit layer, oracle exit layer) while the
     ternary gates retrain; 0 disables it."""
