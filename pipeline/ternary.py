@@ -26,6 +26,7 @@ head did before any quantization noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,20 @@ class TernaryError(ValueError):
 
 # ----------------------------------------------------------------------------- quantizers
 
-def _ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Forward exactly y, backward the identity to x (`x - x.detach()` is exactly 0)."""
-    return y.detach() + (x - x.detach())
+class _StraightThrough(torch.autograd.Function):
+    """Forward fn(x), backward the identity to x: the straight-through estimator.
+
+    One pass over x in the forward (no `x + (y - x).detach()` temporaries), which matters for a
+    vocabulary-sized weight re-quantized at every step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,14 +75,18 @@ def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zero out the small ones: about a third of a Gaussian matrix becomes 0.
     """
     gamma = w.abs().mean()  # []
-    q = torch.clamp(torch.round(w / (gamma + WEIGHT_EPS)), -1, 1)  # [out, in] in {-1, 0, 1}
+    q = torch.div(w, gamma + WEIGHT_EPS).round_().clamp_(-1, 1)  # [out, in] in {-1, 0, 1}
     return q, gamma
+
+
+def _dequantized_weight(w: torch.Tensor) -> torch.Tensor:
+    q, gamma = weight_quant(w)
+    return q.mul_(gamma)  # [out, in]
 
 
 def fake_weight(w: torch.Tensor) -> torch.Tensor:
     """q * gamma in the forward, gradient of the identity to the latent w (STE)."""
-    q, gamma = weight_quant(w.detach())
-    return _ste(w, q * gamma)  # [out, in]
+    return _StraightThrough.apply(w, _dequantized_weight)  # [out, in]
 
 
 def _quantize_activations(x: torch.Tensor, bits: int = ACT_BITS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +105,11 @@ def activation_quant(x: torch.Tensor, bits: int = ACT_BITS) -> torch.Tensor:
     """x rounded to its per-token int grid and dequantized; gradient of the identity (STE)."""
     if not 2 <= bits <= 16:
         raise TernaryError(f"activation bits must be in [2, 16], got {bits}")
-    x_int, scale = _quantize_activations(x.detach(), bits)
-    return _ste(x, x_int / scale)  # [..., in]
+    def dequantize(t: torch.Tensor) -> torch.Tensor:
+        t_int, scale = _quantize_activations(t, bits)
+        return t_int.div_(scale)  # [..., in]
+
+    return _StraightThrough.apply(x, dequantize)  # [..., in]
 
 
 def rms_normalize(x: torch.Tensor) -> torch.Tensor:

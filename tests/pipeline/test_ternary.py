@@ -63,6 +63,14 @@ def test_ste_gradients_reach_the_latent_weight_and_the_input():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_quantizers_pass_the_identity_gradient():
+    for quantize in (activation_quant, fake_weight):
+        x = torch.randn(6, 10, generator=_gen(), requires_grad=True)
+        g = torch.randn(6, 10, generator=_gen(1))
+        (quantize(x) * g).sum().backward()
+        assert torch.equal(x.grad, g)
+
+
 def test_quantization_loss_sums_layers_and_has_a_gradient():
     model = nn.Sequential(BitLinear(16, 8), nn.ReLU(), BitLinear(8, 4, hadamard=True))
     loss = quantization_loss(model)
