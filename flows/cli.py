@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "evaluate", "all", "recalibrate")
+RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "quantize", "evaluate", "all", "recalibrate")
 
 EPILOG = """\
 examples:

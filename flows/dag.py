@@ -6,9 +6,8 @@ command line, and unchanged upstream stages cost seconds.
 The DAG (one line per stage in :class:`Dag`)::
 
     extract(train) -> teacher_topk -> train_heads -> train_gates -> calibrate -> evaluate
-    extract(calib) ------------------------------------------------^            ^
-    extract(eval)  -----------------------------------------------------------/
-    (the eval cache also scores heads and gates as they are trained)
+                                                   \-> quantize -> calibrate -> evaluate  (ternary)
+    extract(calib) -> both calibrations;  extract(eval) -> every stage's held-out numbers
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from flows.stages.base import StageContext
 from flows.stages.calibrate import CalibrateStage
 from flows.stages.evaluate import EvaluateStage
 from flows.stages.extract import ExtractStage, resolve_cache
+from flows.stages.quantize import QuantizeStage
 from flows.stages.teacher_topk import TeacherTopkStage
 from flows.stages.train_gates import TrainGatesStage
 from flows.stages.train_heads import TrainHeadsStage
@@ -82,10 +82,23 @@ class Dag:
         return self._note("calibration", submit(CalibrateStage(), self.ctx, {
             "calib_cache": calib, "heads": heads, "gates": gates, "eval_cache": ev}))
 
-    def evaluate(self, ev: str, heads: str, gates: str | None, calibration: str, train: str | None) -> str:
+    def quantize(self, train: str, heads: str, gates: str | None, ev: str | None) -> str:
+        topk = self.teacher_topk(train) if self.store.manifest(TrainHeadsStage.name, heads).config.get(
+            "efficient_loss") else None
+        return self._note("quantized", submit(QuantizeStage(), self.ctx, {
+            "cache": train, "heads": heads, "gates": gates, "teacher_topk": topk, "eval_cache": ev}))
+
+    def calibrate_quantized(self, calib: str, quantized: str, ev: str | None) -> str:
+        return self._note("ternary_calibration", submit(CalibrateStage(), self.ctx, {
+            "calib_cache": calib, "quantized": quantized, "eval_cache": ev}))
+
+    def evaluate(self, ev: str, heads: str, gates: str | None, calibration: str, train: str | None,
+                 quantized: str | None = None) -> str:
+        """Evaluate the float head set, or (``quantized``) the ternary one, with its calibration."""
         topk = self.teacher_topk(train) if train and self.cfg.evaluate.decode and self.cfg.evaluate.draft_vocab else None
-        return self._note("evaluation", submit(EvaluateStage(), self.ctx, {
-            "eval_cache": ev, "heads": heads, "gates": gates, "calibration": calibration, "teacher_topk": topk}))
+        head_set = {"quantized": quantized} if quantized else {"heads": heads, "gates": gates}
+        return self._note("ternary_evaluation" if quantized else "evaluation", submit(EvaluateStage(), self.ctx, {
+            "eval_cache": ev, **head_set, "calibration": calibration, "teacher_topk": topk}))
 
 
 @flow(name="extract", log_prints=True)
@@ -141,11 +154,25 @@ def calibrate_flow(config_path: str | None = None, overrides: list[str] | None =
     return dag.keys
 
 
+@flow(name="quantize", log_prints=True)
+def quantize_flow(config_path: str | None = None, overrides: list[str] | None = None,
+                  root: str | None = None) -> dict[str, str]:
+    """Retrain the heads and gates as ternary (BitNet b1.58) networks, packed 2 bits a weight,
+    and calibrate them with the same guarantee as the float ones."""
+    dag = Dag.load(config_path, overrides, root)
+    train, ev, calib = dag.extract("train"), dag.eval_cache(), dag.extract("calib")
+    heads = dag.heads(train, ev)
+    q = dag.quantize(train, heads, dag.gates(train, heads, ev), ev)
+    dag.calibrate_quantized(calib, q, ev)
+    return dag.keys
+
+
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                  root: str | None = None) -> dict[str, str]:
+                  root: str | None = None, quantized: bool = False) -> dict[str, str]:
     """What the heads buy on the eval split: head quality, guarantees held, cascade savings,
-    gate operating points, and (``evaluate.decode``) self-speculative decoding against greedy."""
+    gate operating points, and (``evaluate.decode``) self-speculative decoding against greedy;
+    with ``quantized`` the ternary heads too, retrained, calibrated and evaluated the same way."""
     dag = Dag.load(config_path, overrides, root)
     if not dag.has_split("eval"):
         raise ConfigError("evaluate needs an eval split: give data.fractions an eval share > 0 or set "
@@ -154,6 +181,9 @@ def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = 
     heads = dag.heads(train, ev)
     gates = dag.gates(train, heads, ev)
     dag.evaluate(ev, heads, gates, dag.calibrate(calib, heads, gates, ev), train)
+    if quantized:
+        q = dag.quantize(train, heads, gates, ev)
+        dag.evaluate(ev, heads, gates, dag.calibrate_quantized(calib, q, ev), train, quantized=q)
     return dag.keys
 
 
@@ -162,8 +192,10 @@ def pipeline_flow(config_path: str | None = None, overrides: list[str] | None = 
                   root: str | None = None) -> dict[str, str]:
     """Every implemented stage, in DAG order; unchanged stages are cache hits."""
     dag = Dag.load(config_path, overrides, root)
-    run = evaluate_flow if dag.has_split("eval") else calibrate_flow
-    keys = run(config_path=config_path, overrides=overrides, root=root)
+    if dag.has_split("eval"):
+        keys = evaluate_flow(config_path=config_path, overrides=overrides, root=root, quantized=True)
+    else:
+        keys = calibrate_flow(config_path=config_path, overrides=overrides, root=root)
     store = ArtifactStore(root)
     store.set_pointer("latest", CalibrateStage.name, keys["calibration"], **{k: v for k, v in keys.items() if v})
     if store.get_pointer("current") is None:  # the first calibration is what a deployment starts from
@@ -173,6 +205,6 @@ def pipeline_flow(config_path: str | None = None, overrides: list[str] | None = 
 
 
 FLOWS = {"extract": extract_flow, "teacher_topk": teacher_topk_flow, "train_heads": train_heads_flow,
-         "train_gates": train_gates_flow, "calibrate": calibrate_flow, "evaluate": evaluate_flow,
-         "all": pipeline_flow}
+         "train_gates": train_gates_flow, "calibrate": calibrate_flow, "quantize": quantize_flow,
+         "evaluate": evaluate_flow, "all": pipeline_flow}
 """What `exitflow run <name>` runs (recalibration has its own flow in :mod:`flows.recalibrate`)."""

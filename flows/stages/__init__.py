@@ -7,6 +7,7 @@ from flows.stages.base import Stage
 from flows.stages.calibrate import CalibrateStage
 from flows.stages.evaluate import EvaluateStage
 from flows.stages.extract import ExtractStage
+from flows.stages.quantize import QuantizeStage
 from flows.stages.recalibrate import RecalibrateStage
 from flows.stages.teacher_topk import TeacherTopkStage
 from flows.stages.train_gates import TrainGatesStage
@@ -14,8 +15,8 @@ from flows.stages.train_heads import TrainHeadsStage
 
 STAGES: dict[str, type[Stage]] = {
     cls.name: cls
-    for cls in (ExtractStage, TeacherTopkStage, TrainHeadsStage, TrainGatesStage, CalibrateStage, EvaluateStage,
-                RecalibrateStage)
+    for cls in (ExtractStage, TeacherTopkStage, TrainHeadsStage, TrainGatesStage, CalibrateStage, QuantizeStage,
+                EvaluateStage, RecalibrateStage)
 }
 """Every registered stage by name, in DAG order."""
 

@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext
 from flows.stages.extract import ExtractStage, load_teacher, open_cache
+from flows.stages.quantize import QuantizeStage, load_quantized
 from flows.stages.train_gates import load_trained_gates
 from flows.stages.train_heads import TrainHeadsStage, heads_model, load_trained_heads
 from pipeline.calibrate import CALIBRATE_CODE_VERSION, Calibration, calibrate_exits, check_held_out
 from pipeline.config import canonical
 from pipeline.gates import gate_exit_probabilities
 from pipeline.scoring import ExitLabels, collect_exit_labels
+from pipeline.teacher import TeacherWeights
 from stores.artifacts import ArtifactStore
 from stores.files import write_json_atomic
 
@@ -40,22 +43,27 @@ class Scored:
 class CalibrateStage(Stage):
     name = "calibrate"
     code_version = CALIBRATE_CODE_VERSION
-    inputs = ("calib_cache", "heads", "gates?", "eval_cache?")
+    inputs = ("calib_cache", "heads?", "quantized?", "gates?", "eval_cache?")
+    """``heads`` (and ``gates``): float heads; ``quantized``: the ternary heads and gates of a
+    quantize artifact instead. Both are calibrated by the same code."""
 
     def plan(self, ctx: StageContext, inputs: dict[str, str | None]) -> Plan:
+        if bool(inputs.get("heads")) == bool(inputs.get("quantized")):
+            raise InputMismatch("calibrate takes either float heads (`heads`) or a quantize artifact (`quantized`)")
         return self.make_plan(canonical(ctx.cfg.calibrate), {
-            "calib_cache": inputs["calib_cache"], "heads": inputs["heads"], "gates": inputs.get("gates"),
-            "eval_cache": inputs.get("eval_cache")})
+            "calib_cache": inputs["calib_cache"], "heads": inputs.get("heads"), "quantized": inputs.get("quantized"),
+            "gates": None if inputs.get("quantized") else inputs.get("gates"), "eval_cache": inputs.get("eval_cache")})
 
     def build(self, ctx: StageContext, plan: Plan, staging: Path) -> Built:
         store = ctx.store
-        calib_key, heads_key, gates_key = plan.inputs["calib_cache"], plan.inputs["heads"], plan.inputs.get("gates")
-        _check_compatible(store, calib_key, heads_key)
-        calib = score_split(store, calib_key, heads_key, gates_key)
+        calib_key = plan.inputs["calib_cache"]
+        head_set = HeadSet(plan.inputs.get("heads"), plan.inputs.get("gates"), plan.inputs.get("quantized"))
+        _check_compatible(store, calib_key, head_set.float_heads(store))
+        calib = score_split(store, calib_key, head_set)
         calibration = calibrate_exits(calib.labels, calib.gate_probs, calib.layers, calib.num_layers, ctx.cfg.calibrate)
         metrics: dict = {"n": calibration.n}
         if "eval_cache" in plan.inputs:
-            ev = score_split(store, plan.inputs["eval_cache"], heads_key, gates_key)
+            ev = score_split(store, plan.inputs["eval_cache"], head_set)
             held = check_held_out(calibration, ev.labels, ev.gate_probs)
             calibration = calibration.with_held_out(held)
             metrics["held_out_met"] = sum(r.met for r in held)
@@ -73,16 +81,36 @@ def _check_compatible(store: ArtifactStore, calib_key: str, heads_key: str) -> N
                             f"cache {calib_key[:12]} lacks; calibrate heads on a cache of the same backbone and layers")
 
 
-def score_split(store: ArtifactStore, cache_key: str, heads_key: str, gates_key: str | None) -> Scored:
+@dataclass(frozen=True)
+class HeadSet:
+    """The heads (and gates) a calibration or an evaluation is about: float heads and gates by
+    their train_heads / train_gates keys, or the ternary ones of a quantize artifact."""
+
+    heads: str | None = None
+    gates: str | None = None
+    quantized: str | None = None
+
+    def float_heads(self, store: ArtifactStore) -> str:
+        """The train_heads key behind this set (a quantize artifact's float heads)."""
+        return self.heads or store.manifest(QuantizeStage.name, self.quantized).inputs["heads"]
+
+    def load(self, store: ArtifactStore, teacher: TeacherWeights) -> tuple[nn.ModuleDict, nn.ModuleDict | None, list[int]]:
+        if self.quantized:
+            heads, gates, m = load_quantized(store, self.quantized, teacher)
+            return heads, gates, list(m.extra["heads_config"]["layers"])
+        heads, heads_m = load_trained_heads(store, self.heads, teacher)
+        gates = load_trained_gates(store, self.gates, self.heads, teacher) if self.gates else None
+        return heads, gates, list(heads_m.config["layers"])
+
+
+def score_split(store: ArtifactStore, cache_key: str, head_set: HeadSet) -> Scored:
     """Exit labels of every head and the gates' p_exit on one cache."""
     reader = open_cache(store, cache_key)
     teacher = load_teacher(store, cache_key)
-    heads, heads_m = load_trained_heads(store, heads_key, teacher)
+    heads, gates, layers = head_set.load(store, teacher)
     labels = collect_exit_labels(heads, teacher, reader)
-    probs = None
-    if gates_key:
-        probs = gate_exit_probabilities(load_trained_gates(store, gates_key, heads_key, teacher), reader)
-    return Scored(labels, probs, list(heads_m.config["layers"]), int(reader.attrs["num_layers"]))
+    probs = gate_exit_probabilities(gates, reader) if gates is not None else None
+    return Scored(labels, probs, layers, int(reader.attrs["num_layers"]))
 
 
 def load_calibration(store: ArtifactStore, key: str) -> Calibration:

@@ -22,11 +22,9 @@ import torch
 from torch import nn
 
 from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext
-from flows.stages.calibrate import CalibrateStage, load_calibration
+from flows.stages.calibrate import CalibrateStage, HeadSet, load_calibration
 from flows.stages.extract import load_teacher, open_cache
 from flows.stages.teacher_topk import open_topk
-from flows.stages.train_gates import load_trained_gates
-from flows.stages.train_heads import load_trained_heads
 from pipeline.backbone import load_backbone
 from pipeline.calibrate import Calibration
 from pipeline.config import canonical
@@ -42,27 +40,32 @@ DEFAULT_DRAFT_LEVEL = 0.9
 class EvaluateStage(Stage):
     name = "evaluate"
     code_version = EVALUATE_CODE_VERSION
-    inputs = ("eval_cache", "heads", "calibration", "gates?", "teacher_topk?")
+    inputs = ("eval_cache", "heads?", "quantized?", "calibration", "gates?", "teacher_topk?")
+    """``heads``/``gates``: the float head set; ``quantized``: the ternary one of a quantize
+    artifact. Either way with the calibration fitted on that set."""
 
     def plan(self, ctx: StageContext, inputs: dict[str, str | None]) -> Plan:
         cfg = ctx.cfg.evaluate
         calibration = ctx.store.manifest(CalibrateStage.name, inputs["calibration"])
-        if calibration.inputs["heads"] != inputs["heads"]:
-            raise InputMismatch(f"calibration {inputs['calibration'][:12]} was fitted on heads "
-                                f"{calibration.inputs['heads'][:12]}, not {inputs['heads'][:12]}; evaluate heads with "
-                                "their own calibration (`exitflow ls --stage calibrate` shows each one's heads)")
+        which = "quantized" if inputs.get("quantized") else "heads"
+        if calibration.inputs.get(which) != inputs.get(which):
+            raise InputMismatch(f"calibration {inputs['calibration'][:12]} was fitted on {_set_name(calibration.inputs)}, "
+                                f"not on {which} {(inputs.get(which) or 'none')[:12]}; evaluate heads with their own "
+                                "calibration (`exitflow ls --stage calibrate` shows each one's inputs)")
         gates = calibration.inputs.get("gates")
         if inputs.get("gates") and gates != inputs["gates"]:
             raise InputMismatch(f"calibration {inputs['calibration'][:12]} was fitted with gates {(gates or 'none')[:12]}, "
                                 f"not {inputs['gates'][:12]}; pass the gates the calibration was fitted with")
-        heads = ctx.store.manifest("train_heads", inputs["heads"])
+        float_heads = HeadSet(inputs.get("heads"), None, inputs.get("quantized")).float_heads(ctx.store)
+        heads = ctx.store.manifest("train_heads", float_heads)
         bad = [x for x in (cfg.exit_layers or []) if x not in heads.config["layers"]]
         if bad:
             raise InputMismatch(f"evaluate.exit_layers {bad} have no head (the heads are at layers "
                                 f"{heads.config['layers']}); pick exit layers among those")
         topk = inputs.get("teacher_topk") if cfg.decode and cfg.draft_vocab else None
         level = draft_level(cfg.draft_level, calibration.config["levels"])
-        return self.make_plan(canonical(cfg), {"eval_cache": inputs["eval_cache"], "heads": inputs["heads"],
+        return self.make_plan(canonical(cfg), {"eval_cache": inputs["eval_cache"], "heads": inputs.get("heads"),
+                                               "quantized": inputs.get("quantized"),
                                                "calibration": inputs["calibration"], "gates": gates,
                                                "teacher_topk": topk}, {"draft_level": level})
 
@@ -71,9 +74,8 @@ class EvaluateStage(Stage):
         eval_key = plan.inputs["eval_cache"]
         reader = open_cache(store, eval_key)
         teacher = load_teacher(store, eval_key)
-        heads, _ = load_trained_heads(store, plan.inputs["heads"], teacher)
-        gates = load_trained_gates(store, plan.inputs["gates"], plan.inputs["heads"], teacher) \
-            if "gates" in plan.inputs else None
+        heads, gates, _ = HeadSet(plan.inputs.get("heads"), plan.inputs.get("gates"),
+                                  plan.inputs.get("quantized")).load(store, teacher)
         calibration = load_calibration(store, plan.inputs["calibration"])
         metrics = evaluate_exits(heads, teacher, reader, calibration, gates=gates,
                                  num_layers=int(reader.attrs["num_layers"]), max_tokens=cfg.max_tokens,
@@ -81,6 +83,10 @@ class EvaluateStage(Stage):
         if cfg.decode:
             metrics["decode"] = _decode(ctx, plan, heads, calibration, reader, plan.extra["draft_level"])
         return Built(metrics=metrics)
+
+
+def _set_name(inputs: dict) -> str:
+    return f"quantized {inputs['quantized'][:12]}" if "quantized" in inputs else f"heads {inputs['heads'][:12]}"
 
 
 def draft_level(asked: float | None, levels: list[float]) -> float:

@@ -150,14 +150,16 @@ def test_every_registered_stage_plans_its_key_without_loading_a_model(trained, m
     monkeypatch.setattr("flows.stages.extract.load_backbone", no_model)
     monkeypatch.setattr("flows.stages.train_heads.load_backbone", no_model)
     cfg, store, keys = trained
-    assert list(STAGES) == ["extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "evaluate",
-                            "recalibrate"]
+    assert list(STAGES) == ["extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "quantize",
+                            "evaluate", "recalibrate"]
     inputs = {
         "extract": {}, "teacher_topk": {"cache": keys["train"]},
         "train_heads": {"cache": keys["train"], "teacher_topk": keys["teacher_topk"], "eval_cache": keys["eval"]},
         "train_gates": {"cache": keys["train"], "heads": keys["heads"], "eval_cache": keys["eval"]},
         "calibrate": {"calib_cache": keys["calib"], "heads": keys["heads"], "gates": keys["gates"],
                       "eval_cache": keys["eval"]},
+        "quantize": {"cache": keys["train"], "heads": keys["heads"], "gates": keys["gates"],
+                     "teacher_topk": keys["teacher_topk"], "eval_cache": keys["eval"]},
         "evaluate": {"eval_cache": keys["eval"], "heads": keys["heads"], "gates": keys["gates"],
                      "calibration": keys["calibration"], "teacher_topk": keys["teacher_topk"]},
         "recalibrate": {"calibration": keys["calibration"]},
@@ -258,3 +260,62 @@ def test_evaluate_stage_measures_heads_guarantees_cascade_and_decoding(trained, 
     too_long = _cfg(tiny_model_dir, corpus_dir, "evaluate.prompt_tokens=100000")
     with pytest.raises(ValueError, match="100000"):
         _run(EvaluateStage(), too_long, store, **inputs)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "linear"])
+def test_quantize_retrains_packs_calibrates_and_evaluates_ternary_heads(kind, trained, tiny_model_dir, corpus_dir):
+    from flows.stages.evaluate import EvaluateStage
+    import torch
+
+    from flows.stages.quantize import HEADS_PACKED, QuantizeStage, load_quantized
+    from pipeline.ternary import BitLinear
+    from stores.files import load_tensors
+
+    _, store, keys = trained
+    cfg = _cfg(tiny_model_dir, corpus_dir, f"heads.kind={kind}", "quantize.epochs=1", "quantize.batch_tokens=256",
+               "quantize.warmup_steps=2", "evaluate.decode=false")
+    heads = keys["heads"]
+    gates = keys["gates"]
+    if kind == "linear":
+        heads = _run(TrainHeadsStage(), cfg, store, cache=keys["train"], teacher_topk=keys["teacher_topk"])
+        gates = None
+    q = _run(QuantizeStage(), cfg, store, cache=keys["train"], heads=heads, gates=gates,
+             teacher_topk=keys["teacher_topk"], eval_cache=keys["eval"])
+    m = store.manifest("quantize", q)
+    assert m.inputs["heads"] == heads and ("gates" in m.inputs) == (gates is not None)
+    assert set(m.metrics["eval"]) == {"1", "2", "3"} and m.metrics["epochs"]
+    size = m.metrics["size"]
+    if kind == "linear":  # the V x H projection is what ternary packing shrinks
+        assert all(s["ratio"] > 8 for s in size.values()), size
+    packed = load_tensors(store.path("quantize", q) / HEADS_PACKED)
+    assert all(t.dtype == torch.uint8 for name, t in packed.items() if name.endswith("packed")), sorted(packed)
+
+    teacher = load_teacher(store, keys["train"])
+    ternary, ternary_gates, _ = load_quantized(store, q, teacher)
+    weights = [mod for mod in ternary.modules() if isinstance(mod, BitLinear)]
+    assert weights and (ternary_gates is not None) == (gates is not None)
+
+    # the ternary heads are calibrated and evaluated by the same stages as the float ones
+    cal = _run(CalibrateStage(), cfg, store, calib_cache=keys["calib"], quantized=q, eval_cache=keys["eval"])
+    assert store.manifest("calibrate", cal).inputs == {"calib_cache": keys["calib"], "quantized": q,
+                                                       "eval_cache": keys["eval"]}
+    ev = _run(EvaluateStage(), cfg, store, eval_cache=keys["eval"], quantized=q, calibration=cal)
+    assert set(store.manifest("evaluate", ev).metrics["heads"]) == {"1", "2", "3"}
+    with pytest.raises(InputMismatch, match="fitted on"):  # a float calibration for ternary heads
+        _plan(EvaluateStage(), cfg, store, eval_cache=keys["eval"], quantized=q, calibration=keys["calibration"])
+
+
+def test_quantize_refuses_negative_lambdas_and_foreign_heads(trained, tmp_path, make_tiny_model, corpus_dir,
+                                                            tiny_model_dir):
+    from flows.stages.quantize import QuantizeStage
+    from pipeline.config import ConfigError
+
+    _, store, keys = trained
+    with pytest.raises(ConfigError, match=r"quantize.quant_weight = -1"):
+        _cfg(tiny_model_dir, corpus_dir, "quantize.quant_weight=-1")
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    other_cfg = _cfg(other, corpus_dir)
+    other_train = _run(ExtractStage("train"), other_cfg, store)
+    with pytest.raises(InputMismatch, match="another backbone"):
+        _plan(QuantizeStage(), other_cfg, store, cache=other_train, heads=keys["heads"],
+              teacher_topk=keys["teacher_topk"])
