@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-all test-gpu bench bench-extract bench-train bench-decode clean help
+.PHONY: setup demo test test-all test-gpu bench bench-extract bench-train bench-decode bench-ternary clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -46,7 +46,10 @@ bench-train: setup  ## head training offline vs online, full vs efficient loss
 bench-decode: setup  ## self-speculative and early-exit decoding vs greedy (heads: ROOT=dir HEADS=key, else the logit lens)
 	$(PY) benchmarks/bench_decode.py $(if $(HEADS),--root $(or $(ROOT),.exitflow) --heads $(HEADS))
 
-bench: bench-extract bench-train bench-decode  ## all benchmarks
+bench-ternary: setup  ## packed ternary vs float32 vocabulary head: latency, memory, bytes (batch 1 and 64)
+	$(PY) benchmarks/bench_ternary.py
+
+bench: bench-extract bench-train bench-decode bench-ternary  ## all benchmarks
 
 clean:  ## remove the venv and the default artifact root
 	rm -rf $(VENV) .exitflow

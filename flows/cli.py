@@ -89,10 +89,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"path: {store.path(PRODUCED_BY[last_name], last_key)}")
     if "calibration" in keys:
         print(f"calibration: {store.path('calibrate', keys['calibration']) / 'calibration.json'}")
-    if "evaluation" in keys:
-        from reports.evaluation import evaluation_summary
+    from reports.evaluation import evaluation_summary
 
-        print(evaluation_summary(store.manifest("evaluate", keys["evaluation"]).metrics))
+    for name, title in (("evaluation", "float heads"), ("ternary_evaluation", "ternary heads")):
+        if name in keys:
+            print(f"\n{title}:\n" + evaluation_summary(store.manifest("evaluate", keys[name]).metrics))
     return 0
 
 

@@ -29,6 +29,7 @@ EXPECTED = {  # deployment -> flow function
     "train-heads": "flows.dag.train_heads_flow",
     "train-gates": "flows.dag.train_gates_flow",
     "calibrate": "flows.dag.calibrate_flow",
+    "quantize": "flows.dag.quantize_flow",
     "evaluate": "flows.dag.evaluate_flow",
 }
 
