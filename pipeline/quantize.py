@@ -43,7 +43,7 @@ from pipeline.train_heads import EpochMetrics, head_epoch_metrics, prepare_head_
 
 logger = logging.getLogger(__name__)
 
-QUANTIZE_CODE_VERSION = "quantize-1"
+QUANTIZE_CODE_VERSION = "quantize-2"
 """Bump when ternary retraining results change for the same inputs; part of the stage's content
 key and of its checkpoints' signature."""
 

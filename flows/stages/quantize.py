@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from flows.stages.teacher_topk import open_topk
 from flows.stages.train_gates import TrainGatesStage, load_trained_gates
 from flows.stages.train_heads import TrainHeadsStage, heads_model, load_trained_heads
 from pipeline.config import GatesConfig, HeadsConfig, QuantizeConfig, canonical
+from pipeline.packed_heads import load_packed_heads
 from pipeline.quantize import (
     QUANTIZE_CODE_VERSION,
     load_ternary_gates,
@@ -30,6 +32,7 @@ from pipeline.quantize import (
     quantize_heads,
 )
 from pipeline.scoring import evaluate_gates, evaluate_heads
+from pipeline.sources import layer_key
 from pipeline.teacher import TeacherWeights
 from pipeline.ternary import BitLinear, pack_bitlinear
 from stores.artifacts import ArtifactStore, Manifest
@@ -42,6 +45,8 @@ HEADS_FILE = "heads.safetensors"
 """Latent (training) state of the ternary heads: what scoring and calibration load."""
 HEADS_PACKED = "heads.packed.safetensors"
 """Every ternary matrix 2 bits a weight with its scale: what a deployment ships."""
+PACKED_CHECK_ROWS = 1024
+"""Eval tokens on which the packed heads are checked against the training modules and timed."""
 GATES_FILE = "gates.safetensors"
 GATES_PACKED = "gates.packed.safetensors"
 
@@ -102,8 +107,10 @@ class QuantizeStage(Stage):
             metrics["gates"] = {"epochs": to_plain(gres.epochs), "heldout_auroc": to_plain(gres.auroc),
                                 "size": _sizes(float_gates, gates)}
         if "eval_cache" in plan.inputs:
-            metrics["eval"] = _compare(open_cache(store, plan.inputs["eval_cache"]), teacher, float_heads, heads,
-                                       float_gates, gates)
+            eval_reader = open_cache(store, plan.inputs["eval_cache"])
+            metrics["eval"] = _compare(eval_reader, teacher, float_heads, heads, float_gates, gates)
+            packed = load_packed_heads(heads_cfg, layers, teacher, load_tensors(staging / HEADS_PACKED))
+            metrics["packed"] = _packed_inference(eval_reader, float_heads, heads, packed)
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # the published weights supersede them
         return Built(metrics, {"num_layers": num_layers, "heads_config": heads_m.config,
                                **({"gates_config": gates_m.config} if gates is not None else {})})
@@ -151,6 +158,51 @@ def _compare(reader, teacher: TeacherWeights, float_heads, heads, float_gates, g
         for layer in fg:
             out[str(layer)].update(float_gate_auroc=fg[layer].gate_auroc, ternary_gate_auroc=tg[layer].gate_auroc)
     return to_plain(out)
+
+
+def _packed_inference(reader, float_heads: nn.ModuleDict, heads: nn.ModuleDict, packed: nn.ModuleDict) -> dict:
+    """The packed heads (what a deployment loads) against the training modules and the float
+    heads, per head on eval tokens: top-1 equal to the fake-quantized module's, the largest
+    logit difference relative to the row's largest logit, latency per token at batch 1 and 64
+    (median of repeated calls) and the bytes of tensors each head holds in memory."""
+    rows = min(PACKED_CHECK_ROWS, reader.num_tokens)
+    out = {}
+    with torch.no_grad():
+        for layer, head in heads.items():
+            h = torch.from_numpy(reader.hidden(layer_key(int(layer)), slice(0, rows)))  # [n, H]
+            want, got = head(h), packed[layer](h)  # [n, V]
+            scale = want.abs().amax(dim=-1).clamp_min(1e-12)  # [n]
+            out[layer] = {
+                "rows": rows,
+                "top1_equal": float((want.argmax(-1) == got.argmax(-1)).float().mean()),
+                "max_rel_diff": float(((want - got).abs().amax(-1) / scale).max()),
+                "ms_per_token": {f"batch_{b}": {"float32": _ms_per_token(float_heads[layer], h[:b]),
+                                                "packed": _ms_per_token(packed[layer], h[:b])} for b in (1, 64)},
+                "tensor_bytes": {"float32": _held_bytes(float_heads[layer]), "packed": _held_bytes(packed[layer])},
+            }
+            log.info("packed head %s: top-1 equal to fake-quant on %.4f of %d eval tokens", layer,
+                     out[layer]["top1_equal"], rows)
+    return to_plain(out)
+
+
+def _ms_per_token(module: nn.Module, h: torch.Tensor, repeats: int = 7) -> float:
+    module(h)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        module(h)
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2] / h.shape[0]
+
+
+def _held_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers a head holds (a shared frozen LM head counted once)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen and t.device.type != "meta":
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 # -- reading a published quantize artifact ------------------------------------------------------

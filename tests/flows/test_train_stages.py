@@ -287,6 +287,9 @@ def test_quantize_retrains_packs_calibrates_and_evaluates_ternary_heads(kind, tr
     size = m.metrics["size"]
     if kind == "linear":  # the V x H projection is what ternary packing shrinks
         assert all(s["ratio"] > 8 for s in size.values()), size
+    for layer, check in m.metrics["packed"].items():  # what a deployment loads computes what was trained
+        assert check["top1_equal"] >= 0.99 and check["max_rel_diff"] < 1e-3, (layer, check)
+        assert check["ms_per_token"]["batch_64"]["packed"] > 0
     packed = load_tensors(store.path("quantize", q) / HEADS_PACKED)
     assert all(t.dtype == torch.uint8 for name, t in packed.items() if name.endswith("packed")), sorted(packed)
 
