@@ -14,7 +14,6 @@ from pipeline.config import CalibrateConfig, ConfigError, GatesConfig, QuantizeC
 from pipeline.gates import build_gates, gate_exit_probabilities, gates_state_dict, load_gates
 from pipeline.heads import load_heads
 from pipeline.quantize import (
-    QUANTIZE_CODE_VERSION,
     TernaryAdapterHead,
     TernaryExitGate,
     TernaryLinearHead,
@@ -150,7 +149,6 @@ def test_quantize_heads_resume_after_a_kill_equals_an_uninterrupted_run(synth, t
     assert_same_state(resumed.state, straight.state)
     assert [e.loss for e in resumed.epochs] == [e.loss for e in straight.epochs]
     assert [e.quant_loss for e in resumed.epochs] == [e.quant_loss for e in straight.epochs]
-    assert QUANTIZE_CODE_VERSION == "quantize-1"
 
 
 def test_quantize_gates_joint_loss_resume_and_reload(synth, tmp_path):
