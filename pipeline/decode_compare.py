@@ -172,9 +172,11 @@ class DecodeComparison:
 
     @property
     def best(self) -> SettingResult | None:
-        """The setting with the highest speed-up among those whose output equals greedy's
-        (speed-up, not tokens/s: each is against its own adjacent greedy timing)."""
-        exact = [r for r in self.settings if r.identical]
+        """The setting with the highest speed-up among those whose output equals greedy's and
+        that drafted at all (speed-up, not tokens/s: each is against its own adjacent greedy
+        timing). An adaptive draft whose threshold never lets a token through is greedy decoding
+        plus the head's cost: it says nothing about speculation, so it is never the best."""
+        exact = [r for r in self.settings if r.identical and r.drafted > 0]
         return max(exact, key=lambda r: r.speedup) if exact else None
 
     def to_dict(self) -> dict:

@@ -46,7 +46,7 @@ __all__ = ["ECE_BINS", "EVALUATE_CODE_VERSION", "FIXED_GATE_THRESHOLDS", "TOP_K"
            "EvaluationMetrics", "GateOperatingPoint", "GateOutcome", "HeadQuality", "LevelOutcome",
            "NonFiniteLogitsError", "evaluate_exits"]
 
-EVALUATE_CODE_VERSION = "evaluate-1"
+EVALUATE_CODE_VERSION = "evaluate-2"
 """Bump when the metrics (or `EvaluationMetrics.to_dict`'s shape) change for the same inputs;
 part of the evaluate stage's content key."""
 

@@ -29,7 +29,10 @@ def evaluation_summary(metrics: dict) -> str:
     if decode:
         best = next((s for s in decode["settings"] if s["name"] == decode.get("best")), None)
         greedy = decode.get("greedy_tokens_per_s")
-        if best:
+        if not best:
+            lines.append(f"decoding: greedy {greedy:.1f} tokens/s; no self-speculative setting drafted a token with "
+                         "identical output (calibrated thresholds too strict for these heads)")
+        else:
             lines.append(f"decoding: greedy {greedy:.1f} tokens/s; best self-speculative {best['name']}: "
                          f"{best['tokens_per_s']:.1f} tokens/s ({best['speedup']:.2f}x), acceptance "
                          f"{_num(best['acceptance'])}, tau {_num(best['tau'])}, output identical to greedy")
