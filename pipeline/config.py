@@ -258,8 +258,10 @@ class QuantizeConfig(_Section):
     """Passes over the train cache, for the heads and again for the gates."""
     batch_tokens: int = Field(1024, gt=0)
     """Tokens per optimizer step."""
-    lr: float = Field(1e-3, gt=0)
-    """Peak AdamW learning rate on the latent float weights (after warm-up; cosine decay)."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak AdamW learning rate on the latent float weights (after warm-up; cosine decay). A
+    ternary weight changes only when its latent value crosses a rounding edge, so too small a
+    rate leaves the rounded network where initialisation put it (benchmarks/results/quantize.md)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay of the latent matrices; it shrinks them toward the ternary zero."""
     warmup_steps: int = Field(20, ge=0)
