@@ -218,7 +218,7 @@ class EvaluateConfig(_Section):
     """Tokens generated per prompt."""
     exit_layers: list[int] | None = None
     """Draft exit layers to compare; None: every head's layer in the lower half of the model."""
-    draft_lens: list[int] = Field(default_factory=lambda: [4])
+    draft_lens: list[int] = Field(default_factory=lambda: [2, 4])
     """Fixed draft lengths k to compare (each >= 1); an adaptive draft (up to the largest k,
     stopped by the head's calibrated entropy threshold) runs beside them."""
     draft_level: float | None = Field(None, gt=0, lt=1)
