@@ -108,7 +108,8 @@ class QuantizeStage(Stage):
                                 "size": _sizes(float_gates, gates)}
         if "eval_cache" in plan.inputs:
             eval_reader = open_cache(store, plan.inputs["eval_cache"])
-            metrics["eval"] = _compare(eval_reader, teacher, float_heads, heads, float_gates, gates)
+            metrics["eval"] = _compare(eval_reader, teacher, float_heads, heads, float_gates, gates,
+                                       _float_eval(store, plan.inputs, heads_m))
             packed = load_packed_heads(heads_cfg, layers, teacher, load_tensors(staging / HEADS_PACKED))
             metrics["packed"] = _packed_inference(eval_reader, float_heads, heads, packed)
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # the published weights supersede them
@@ -145,18 +146,36 @@ def _sizes(float_modules: nn.ModuleDict, ternary: nn.ModuleDict) -> dict:
     return out
 
 
-def _compare(reader, teacher: TeacherWeights, float_heads, heads, float_gates, gates) -> dict:
-    """Ternary against float on the eval cache: agreement and entropy AUROC per head, gate AUROC."""
-    f, t = evaluate_heads(float_heads, teacher, reader), evaluate_heads(heads, teacher, reader)
-    out = {str(layer): {"float_agreement": f[layer].agreement, "ternary_agreement": t[layer].agreement,
-                        "float_entropy_auroc": f[layer].entropy_auroc, "ternary_entropy_auroc": t[layer].entropy_auroc}
-           for layer in f}
-    for layer in f:
-        log.info("ternary head %d: agreement %.3f (float %.3f)", layer, t[layer].agreement, f[layer].agreement)
+def _float_eval(store: ArtifactStore, inputs: dict[str, str], heads_m: Manifest) -> dict | None:
+    """The float heads' (and gates') eval metrics their own stages already measured on this
+    eval cache, so they are not scored a second time; None when they were measured elsewhere."""
+    ev = inputs.get("eval_cache")
+    if heads_m.inputs.get("eval_cache") != ev or "eval" not in heads_m.metrics:
+        return None
+    out = {"heads": heads_m.metrics["eval"]}
+    if "gates" in inputs:
+        gates_m = store.manifest(TrainGatesStage.name, inputs["gates"])
+        if gates_m.inputs.get("eval_cache") != ev or "eval" not in gates_m.metrics:
+            return None
+        out["gates"] = gates_m.metrics["eval"]
+    return out
+
+
+def _compare(reader, teacher: TeacherWeights, float_heads, heads, float_gates, gates, measured: dict | None) -> dict:
+    """Ternary against float on the eval cache: agreement and entropy AUROC per head, gate AUROC.
+    `measured`: the float side as the train_heads / train_gates manifests hold it (else scored here)."""
+    t = evaluate_heads(heads, teacher, reader)
+    f = measured["heads"] if measured else to_plain(evaluate_heads(float_heads, teacher, reader))
+    out = {str(layer): {"float_agreement": f[str(layer)]["agreement"], "ternary_agreement": t[layer].agreement,
+                        "float_entropy_auroc": f[str(layer)]["entropy_auroc"],
+                        "ternary_entropy_auroc": t[layer].entropy_auroc} for layer in t}
+    for layer in t:
+        log.info("ternary head %d: agreement %.3f (float %.3f)", layer, t[layer].agreement, out[str(layer)]["float_agreement"])
     if gates is not None:
-        fg, tg = evaluate_gates(float_heads, float_gates, teacher, reader), evaluate_gates(heads, gates, teacher, reader)
-        for layer in fg:
-            out[str(layer)].update(float_gate_auroc=fg[layer].gate_auroc, ternary_gate_auroc=tg[layer].gate_auroc)
+        tg = evaluate_gates(heads, gates, teacher, reader)
+        fg = measured["gates"] if measured else to_plain(evaluate_gates(float_heads, float_gates, teacher, reader))
+        for layer in tg:
+            out[str(layer)].update(float_gate_auroc=fg[str(layer)]["gate_auroc"], ternary_gate_auroc=tg[layer].gate_auroc)
     return to_plain(out)
 
 
