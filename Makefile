@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+PORT ?= 4200
+REPORT_PORT ?= 4201
+ROOT ?= $(or $(EXITFLOW_HOME),.exitflow)
 
-.PHONY: setup demo test test-all test-gpu bench bench-extract bench-train bench-decode bench-ternary clean help
+.PHONY: setup demo test test-all test-gpu browser serve stop bench bench-extract bench-train bench-decode bench-ternary clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -31,11 +34,20 @@ demo: setup  ## run the main job on the embedded default (SmolLM2-135M, Python r
 test: setup  ## the default test suite (minutes)
 	$(PY) -m pytest -q
 
-test-all: setup  ## every test, the slow ones with the real embedded model included
+test-all: setup browser  ## every test, the slow ones (the real embedded model, the browser) included
 	$(PY) -m pytest -q -m ''
 
 test-gpu: setup  ## only the CUDA tests (skipped where no GPU is visible)
 	$(PY) -m pytest -q -m gpu
+
+browser:  ## Debian's chromium for the browser tests (apt-get, as root; once)
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+serve: setup  ## the Prefect UI at http://127.0.0.1:4200 with every deployment, a worker and the HTML reports (PORT=n REPORT_PORT=n ROOT=dir)
+	$(PY) -m flows.serve start --root $(ROOT) --port $(PORT) --report-port $(REPORT_PORT)
+
+stop:  ## stop what `make serve` started (ROOT=dir)
+	@if [ -x $(PY) ]; then $(PY) -m flows.serve stop --root $(ROOT); else echo "nothing to stop: no $(VENV)"; fi
 
 bench-extract: setup  ## extraction throughput vs the bare forward, cache bytes per token
 	$(PY) benchmarks/bench_extract.py
@@ -44,7 +56,7 @@ bench-train: setup  ## head training offline vs online, full vs efficient loss
 	$(PY) benchmarks/bench_train.py
 
 bench-decode: setup  ## self-speculative and early-exit decoding vs greedy (heads: ROOT=dir HEADS=key, else the logit lens)
-	$(PY) benchmarks/bench_decode.py $(if $(HEADS),--root $(or $(ROOT),.exitflow) --heads $(HEADS))
+	$(PY) benchmarks/bench_decode.py $(if $(HEADS),--root $(ROOT) --heads $(HEADS))
 
 bench-ternary: setup  ## packed ternary vs float32 vocabulary head: latency, memory, bytes (batch 1 and 64)
 	$(PY) benchmarks/bench_ternary.py

@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
 POOL = "exitflow-process"
 EXPECTED = {  # deployment -> flow function
-    "recalibrate-nightly": "flows.recalibrate.recalibrate_flow",
+    "recalibrate": "flows.recalibrate.recalibrate_flow",
     "pipeline": "flows.dag.pipeline_flow",
     "extract": "flows.dag.extract_flow",
-    "teacher-topk": "flows.dag.teacher_topk_flow",
-    "train-heads": "flows.dag.train_heads_flow",
-    "train-gates": "flows.dag.train_gates_flow",
+    "teacher_topk": "flows.dag.teacher_topk_flow",
+    "train_heads": "flows.dag.train_heads_flow",
+    "train_gates": "flows.dag.train_gates_flow",
     "calibrate": "flows.dag.calibrate_flow",
     "quantize": "flows.dag.quantize_flow",
     "evaluate": "flows.dag.evaluate_flow",
@@ -63,15 +63,21 @@ def test_every_flow_is_deployed_to_the_process_pool(spec):
     assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $EXITFLOW_REPO }}"}}]
 
 
+def test_every_deployment_is_named_after_its_flow(spec):
+    """`prefect deployment run extract/extract`, `train_heads/train_heads`: one name to learn."""
+    for name, d in _deployments(spec).items():
+        assert _import_flow(d["entrypoint"]).name == name, d["entrypoint"]
+
+
 def test_recalibration_runs_nightly_and_the_rest_on_demand(spec):
     from prefect.client.schemas.schedules import CronSchedule
 
     deps = _deployments(spec)
-    (nightly,) = deps["recalibrate-nightly"]["schedules"]
+    (nightly,) = deps["recalibrate"]["schedules"]
     assert nightly == {"cron": "0 2 * * *", "timezone": "UTC", "active": True}
     CronSchedule(cron=nightly["cron"], timezone=nightly["timezone"])  # valid for Prefect
-    assert deps["recalibrate-nightly"]["parameters"] == {"data_source": "./data/incoming"}
-    assert all(d["schedules"] == [] for n, d in deps.items() if n != "recalibrate-nightly")
+    assert deps["recalibrate"]["parameters"] == {"data_source": "./data/incoming"}
+    assert all(d["schedules"] == [] for n, d in deps.items() if n != "recalibrate")
 
 
 def test_parameters_match_the_flow_signatures(spec):
@@ -90,7 +96,7 @@ def test_prefect_loads_every_entrypoint_in_a_fresh_process(spec):
     eps = [d["entrypoint"] for d in spec["deployments"]]
     code = ("import sys; from prefect.flows import load_flow_from_entrypoint\n"
             "for ep in sys.argv[1:]: print(ep, load_flow_from_entrypoint(ep, use_placeholder_flow=False).name)")
-    out = subprocess.run([sys.executable, "-c", code, *eps], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, *eps], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(out.stdout.splitlines()) == len(eps)
 
@@ -112,7 +118,7 @@ def server(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_API_URL=f"{url}/api", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_CLI_PROMPT="false", OMP_NUM_THREADS="1")
-    log = open(home / "server.log", "w")
+    log = open(home / "server.log", "w")  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
                              "--analytics-off"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -142,7 +148,7 @@ def server(tmp_path_factory):
 def deployed(server):
     env, api = server
     for cmd in (["work-pool", "create", POOL, "--type", "process"], ["--no-prompt", "deploy", "--all"]):
-        run = subprocess.run([*PREFECT, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run([*PREFECT, *cmd], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"prefect {' '.join(cmd)}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     deps = api.post("/deployments/filter", json={}).raise_for_status().json()
     return env, api, {d["name"]: d for d in deps}
@@ -154,9 +160,9 @@ def _flow_runs(api, **flt) -> list[dict]:
 
 @pytest.mark.slow
 def test_deploy_all_creates_an_active_nightly_schedule(deployed):
-    env, api, deps = deployed
+    _, api, deps = deployed
     assert set(deps) == set(EXPECTED)
-    nightly = deps["recalibrate-nightly"]
+    nightly = deps["recalibrate"]
     assert not nightly["paused"] and nightly["work_pool_name"] == POOL
     (sched,) = nightly["schedules"]
     assert sched["active"] and sched["schedule"]["cron"] == "0 2 * * *" and sched["schedule"]["timezone"] == "UTC"
@@ -165,7 +171,7 @@ def test_deploy_all_creates_an_active_nightly_schedule(deployed):
     # the repo location is the worker's, read when a run starts, not baked in at deploy time
     assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
                                       {"directory": "{{ $EXITFLOW_REPO }}"}}]
-    assert all(d["schedules"] == [] for n, d in deps.items() if n != "recalibrate-nightly")
+    assert all(d["schedules"] == [] for n, d in deps.items() if n != "recalibrate")
     # the scheduler turns the cron into runs at 02:00 UTC
     deadline, runs = time.monotonic() + 90, []
     while not runs and time.monotonic() < deadline:
@@ -189,8 +195,8 @@ def test_a_worker_runs_deployments_from_the_repo(deployed, tmp_path, tiny_model_
         return run.raise_for_status().json()["id"]
 
     extract = start("extract", root=str(root))
-    recal = start("recalibrate-nightly", root=str(tmp_path / "empty"), data_source=str(corpus_dir))
-    worker = subprocess.run([*PREFECT, "worker", "start", "--pool", POOL, "--run-once"], cwd=tmp_path,
+    recal = start("recalibrate", root=str(tmp_path / "empty"), data_source=str(corpus_dir))
+    worker = subprocess.run([*PREFECT, "worker", "start", "--pool", POOL, "--run-once"], check=False, cwd=tmp_path,
                             env={**env, "EXITFLOW_REPO": str(REPO)}, capture_output=True, text=True, timeout=400)
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     states = {r["id"]: r for r in _flow_runs(api, id={"any_": [extract, recal]})}
