@@ -1,6 +1,8 @@
 """The metrics of the evaluate stage: how good each head is on the eval split (beside the logit
 lens it started from), whether the calibrated thresholds keep their promise there, what the
-cascade saves, and how the gates rank tokens against the heads' own entropy.
+cascade saves, and how the gates rank tokens against the heads' own entropy; and, per head, the
+curves a report draws (`pipeline.curves`: ROC points of -entropy and p_exit, agreement in
+entropy bins), thinned so the manifest stays small.
 
 Everything comes from ONE sequential no-grad pass over the eval source
 (`pipeline.scoring.collect_exit_labels`): per block of rows the teacher's logits are computed
@@ -25,6 +27,7 @@ from torch import nn
 
 from pipeline.calibrate import Calibration, HeldOutCheck, _kept, check_held_out
 from pipeline.cascade import evaluate_cascade
+from pipeline.curves import EntropyBins, RocCurve, entropy_bins, roc_points
 from pipeline.fit import module_device
 from pipeline.losses import IGNORE_INDEX
 from pipeline.scoring import (
@@ -43,10 +46,10 @@ from pipeline.teacher import TeacherWeights
 from pipeline.thresholds import exit_mask
 
 __all__ = ["ECE_BINS", "EVALUATE_CODE_VERSION", "FIXED_GATE_THRESHOLDS", "TOP_K", "CascadeOutcome",
-           "EvaluationMetrics", "GateOperatingPoint", "GateOutcome", "HeadQuality", "LevelOutcome",
+           "EvaluationMetrics", "GateOperatingPoint", "GateOutcome", "HeadCurves", "HeadQuality", "LevelOutcome",
            "NonFiniteLogitsError", "evaluate_exits"]
 
-EVALUATE_CODE_VERSION = "evaluate-2"
+EVALUATE_CODE_VERSION = "evaluate-3"
 """Bump when the metrics (or `EvaluationMetrics.to_dict`'s shape) change for the same inputs;
 part of the evaluate stage's content key."""
 
@@ -147,6 +150,18 @@ class GateOutcome:
 
 
 @dataclass(frozen=True)
+class HeadCurves:
+    """What the report draws for one head on the eval tokens."""
+
+    layer: int
+    entropy_roc: RocCurve | None
+    """ROC of -entropy (None when every token agrees or none does)."""
+    gate_roc: RocCurve | None
+    """ROC of the gate's p_exit (None without a gate at this layer, or with one class)."""
+    entropy_bins: EntropyBins
+
+
+@dataclass(frozen=True)
 class EvaluationMetrics:
     """Everything the evaluate stage measures on the eval split, for the manifest and report."""
 
@@ -162,6 +177,8 @@ class EvaluationMetrics:
     cascade: list[CascadeOutcome]
     gates: dict[int, GateOutcome] = field(default_factory=dict)
     """Empty when evaluated without gates."""
+    curves: dict[int, HeadCurves] = field(default_factory=dict)
+    """Per head: ROC curves of -entropy and p_exit, and agreement against entropy."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: layer keys as strings, NaN and infinities as None."""
@@ -290,6 +307,22 @@ class _SideScores:
         return {layer: np.concatenate(parts) for layer, parts in self.probs.items()} if self.gates else None
 
 
+# ----------------------------------------------------------------------------- curves
+
+
+def _curves(labels: ExitLabels, gate_probs: dict[int, np.ndarray] | None) -> dict[int, HeadCurves]:
+    """Per head, on all eval tokens against the final layer (as `entropy_auroc` and `gate_auroc`)."""
+    out = {}
+    for layer in labels.layers:
+        agrees, entropy = labels.correct[layer], labels.entropy[layer]
+        gate = gate_probs.get(layer) if gate_probs is not None else None
+        out[layer] = HeadCurves(
+            layer=layer, entropy_roc=roc_points(agrees, -entropy.astype(np.float64)),
+            gate_roc=None if gate is None else roc_points(agrees, gate),
+            entropy_bins=entropy_bins(entropy, agrees, labels.correct_true[layer], labels.has_target))
+    return out
+
+
 # ----------------------------------------------------------------------------- the stage's metrics
 
 
@@ -362,7 +395,8 @@ def evaluate_exits(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchS
     """The evaluate stage's metrics for one head set on the eval source (its first `max_tokens`
     rows, in order), from one no-grad pass: per-head quality beside the logit lens, every
     calibrated threshold on these tokens (`check_held_out`), the calibrated cascade per
-    predictor (`evaluate_cascade`; final layer = `num_layers`), and the gates against entropy.
+    predictor (`evaluate_cascade`; final layer = `num_layers`), the gates against entropy, and
+    per head the curves a report draws (ROC of -entropy and p_exit, agreement against entropy).
 
     Raises `ValueError` when the calibration, gates or `num_layers` do not fit the heads, and
     `NonFiniteLogitsError` at the first non-finite logit or p_exit.
@@ -383,4 +417,5 @@ def evaluate_exits(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchS
         guarantees=check_held_out(calibration, labels, gate_probs),
         cascade=_cascades(calibration, labels, gate_probs, num_layers),
         gates=_gate_outcomes(calibration, labels, gate_probs) if gate_probs is not None else {},
+        curves=_curves(labels, gate_probs),
     )

@@ -18,6 +18,7 @@ from train_support import LAYERS, NUM_LAYERS, ArraySource, make_rows
 from pipeline.calibrate import Calibration, calibrate_exits, check_held_out
 from pipeline.cascade import evaluate_cascade
 from pipeline.config import CalibrateConfig, GatesConfig
+from pipeline.curves import CURVE_POINTS, ENTROPY_BINS, entropy_bins, roc_points, thin_polyline
 from pipeline.evaluate import (
     ECE_BINS,
     FIXED_GATE_THRESHOLDS,
@@ -212,6 +213,76 @@ def test_to_dict_round_trips_through_json(metrics):
     assert json.loads(json.dumps(d, allow_nan=False)) == d
     assert set(d["heads"]) == {"1", "2", "3"} and d["guarantees"][0]["predictor"] == "entropy"
     assert d["gates"]["1"]["operating_points"][-1]["threshold"] == 0.9
+    assert set(d["curves"]["1"]) == {"layer", "entropy_roc", "gate_roc", "entropy_bins"}
+    assert len(json.dumps(d["curves"])) < 60_000  # small enough for a manifest
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def trapezoid(curve) -> float:
+    x, y = np.asarray(curve.fpr), np.asarray(curve.tpr)
+    return float(((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2).sum())
+
+
+def assert_roc_shape(curve):
+    x, y = np.asarray(curve.fpr), np.asarray(curve.tpr)
+    assert 2 <= x.size <= CURVE_POINTS and x.size == y.size
+    assert (x[0], y[0]) == (0.0, 0.0) and (x[-1], y[-1]) == (1.0, 1.0)
+    assert (np.diff(x) >= 0).all() and (np.diff(y) >= 0).all()
+
+
+def test_roc_curves_are_thinned_monotone_and_keep_the_reported_auroc(metrics):
+    assert set(metrics.curves) == set(LAYERS)
+    for layer in LAYERS:
+        c = metrics.curves[layer]
+        assert_roc_shape(c.entropy_roc)
+        assert trapezoid(c.entropy_roc) == pytest.approx(metrics.heads[layer].entropy_auroc, abs=1e-3)
+        assert_roc_shape(c.gate_roc)
+        assert trapezoid(c.gate_roc) == pytest.approx(metrics.gates[layer].gate_auroc, abs=1e-3)
+
+
+def test_entropy_bins_cover_every_token_and_average_to_the_agreement(metrics):
+    for layer in LAYERS:
+        b = metrics.curves[layer].entropy_bins
+        tokens = np.asarray(b.tokens)
+        assert 1 < tokens.size <= ENTROPY_BINS and tokens.sum() == metrics.tokens and (tokens > 0).all()
+        assert (np.asarray(b.lo) <= np.asarray(b.centre)).all() and (np.asarray(b.centre) <= np.asarray(b.hi)).all()
+        assert (np.diff(b.lo) > 0).all()
+        assert (tokens * np.asarray(b.agreement)).sum() / metrics.tokens == pytest.approx(
+            metrics.heads[layer].agreement, abs=1e-4)
+        assert abs(tokens.max() - tokens.min()) <= 2  # quantile bins of distinct entropies hold equal shares
+
+
+def test_roc_points_of_a_long_curve_stay_within_1e_3_of_the_exact_auroc():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(0)
+    y = rng.random(50_000) < 0.4
+    s = rng.normal(size=y.size) + 0.8 * y
+    full = roc_curve(y, s)[0].size
+    c = roc_points(y, s)
+    assert full > 20 * CURVE_POINTS and len(c.fpr) == CURVE_POINTS
+    assert_roc_shape(c)
+    assert trapezoid(c) == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+    assert roc_points(np.ones(10, bool), np.arange(10)) is None and roc_points(np.zeros(0, bool), np.zeros(0)) is None
+
+
+def test_thinning_keeps_short_curves_whole_and_drops_collinear_points_first():
+    x = np.array([0.0, 0.1, 0.2, 0.5, 1.0])
+    y = np.array([0.0, 0.5, 0.6, 0.9, 1.0])
+    assert thin_polyline(x, y, 10).tolist() == [0, 1, 2, 3, 4]
+    x2, y2 = np.linspace(0, 1, 9), np.r_[np.linspace(0, 0.8, 5), 0.85, 0.9, 0.95, 1.0]  # a kink at index 4
+    assert thin_polyline(x2, y2, 3).tolist() == [0, 4, 8]
+
+
+def test_entropy_bins_with_ties_and_without_true_tokens():
+    b = entropy_bins(np.full(10, 2.0), np.arange(10) < 3, np.zeros(10, bool), np.zeros(10, bool))
+    assert b.tokens == [10] and b.agreement == [0.3] and b.accuracy == [None] and b.lo == b.hi == [2.0]
+    e = np.r_[np.zeros(50), np.linspace(1, 2, 50)]  # half the tokens tie at 0: their bins merge into one
+    b = entropy_bins(e, e > 1.5, e > 1.5, np.arange(100) % 2 == 0)
+    assert sum(b.tokens) == 100 and b.tokens[0] == 50 and b.centre[0] == 0.0 and b.agreement[0] == 0.0
+    assert b.accuracy[-1] == 1.0
 
 
 # ----------------------------------------------------------------------------- refusals
