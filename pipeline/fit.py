@@ -35,6 +35,11 @@ from pipeline.sources import BatchSource
 logger = logging.getLogger(__name__)
 
 
+LOSS_CURVE_POINTS = 200
+"""About this many points of the per-step loss curve over a whole training (each the mean loss of
+a window of steps), so a report can draw it without the manifest growing with the step count."""
+
+
 class CheckpointIO(Protocol):
     """Where a training loop keeps its state between epochs (`stores.checkpoints.FileCheckpoints`).
 
@@ -132,8 +137,10 @@ class FitTask:
 
 @dataclass
 class FitOutcome:
-    """Per-epoch records (loss, tokens, seconds, extras and the task's end-of-epoch metrics),
-    including epochs done before a resume."""
+    """Per-epoch records (loss, its curve, tokens, seconds, extras and the task's end-of-epoch
+    metrics), including epochs done before a resume. ``loss_curve``: [[steps done, mean loss of
+    the window ending there], ...], windows of `loss_window` steps, the last one of an epoch
+    possibly shorter."""
 
     history: list[dict[str, Any]]
     steps: int
@@ -227,6 +234,7 @@ def fit_epochs(task: FitTask, cfg: HeadsConfig | GatesConfig, source: BatchSourc
     """The epoch loop shared by heads and gates: AdamW, warm-up + cosine, clipping, per-epoch
     checkpoint, exact resume, and a stop at the first non-finite loss or gradient."""
     per_epoch, total, drop_last = _plan(cfg, source)
+    window = loss_window(total)
     if cfg.warmup_steps >= total:
         logger.warning("%s: warmup_steps=%d >= %d total steps, so the learning rate never reaches lr=%g; "
                        "lower warmup_steps", task.stage, cfg.warmup_steps, total, cfg.lr)
@@ -254,6 +262,8 @@ def fit_epochs(task: FitTask, cfg: HeadsConfig | GatesConfig, source: BatchSourc
                 break
             task.module.train()
             losses: list[float] = []
+            curve: list[list[float]] = []
+            in_window: list[float] = []
             extras: dict[str, float] = defaultdict(float)
             tokens = 0
             t0 = time.perf_counter()
@@ -282,20 +292,26 @@ def fit_epochs(task: FitTask, cfg: HeadsConfig | GatesConfig, source: BatchSourc
                         optimizer.step()
                         loss = sum(values[:-1])
                         losses.append(loss)
+                        in_window.append(loss)
                         for k, v in out.extras.items():
                             extras[k] += v
                         bar.set_postfix(loss=f"{loss:.4g}", epoch=epoch, refresh=False)
                     scheduler.step()  # also on a skipped batch: the schedule is a function of the step index
                     step += 1
+                    if in_window and step % window == 0:
+                        curve.append([step, float(np.mean(in_window))])
+                        in_window = []
                     tokens += out.rows
                     bar.update(len(next(iter(batch.values()))))  # rows read (a gate step may use fewer)
             finally:
                 batches.close()
+            if in_window:  # the epoch's last, shorter window
+                curve.append([step, float(np.mean(in_window))])
             seconds = time.perf_counter() - t0
             task.module.eval()
-            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "tokens": tokens,
-                      "seconds": seconds, "extras": {k: v / max(1, len(losses)) for k, v in extras.items()},
-                      **task.end_epoch()}
+            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                      "loss_curve": curve, "tokens": tokens, "seconds": seconds,
+                      "extras": {k: v / max(1, len(losses)) for k, v in extras.items()}, **task.end_epoch()}
             history.append(record)
             logger.info("%s epoch %d: loss %.4f, %d tokens in %.1f s (%.0f tok/s) %s", task.stage, epoch,
                         record["loss"], tokens, seconds, tokens / seconds if seconds > 0 else float("nan"),
@@ -311,6 +327,11 @@ def fit_epochs(task: FitTask, cfg: HeadsConfig | GatesConfig, source: BatchSourc
     finally:
         bar.close()
     return FitOutcome(history=history, steps=step, resumed_from_epoch=resumed_from)
+
+
+def loss_window(total_steps: int) -> int:
+    """Steps per point of the loss curve: at most about `LOSS_CURVE_POINTS` points in all."""
+    return max(1, -(-total_steps // LOSS_CURVE_POINTS))
 
 
 def throughput(history: list[dict]) -> float:

@@ -48,6 +48,8 @@ class GateEpochMetrics:
     epoch: int
     loss: float
     """Mean `gate_loss` over the epoch's steps."""
+    loss_curve: list[list[float]]
+    """[[steps done, mean loss of the steps since the previous point], ...] (`pipeline.fit`)."""
     auroc: dict[int, float]
     """Per gate layer: AUROC of p_exit for "the head agrees with the final layer", held-out rows."""
     components: dict[str, float]
@@ -197,7 +199,8 @@ def label_gate_rows(heads: nn.ModuleDict, layers: Sequence[int], teacher: Teache
 def gate_epoch_metrics(history: list[dict[str, Any]]) -> list[GateEpochMetrics]:
     """`GateEpochMetrics` of a `FitOutcome.history` whose end-of-epoch metrics hold `auroc`."""
     return [
-        GateEpochMetrics(epoch=r["epoch"], loss=r["loss"], auroc=dict(r["auroc"]), components=dict(r["extras"]),
+        GateEpochMetrics(epoch=r["epoch"], loss=r["loss"], loss_curve=list(r.get("loss_curve", [])),
+                         auroc=dict(r["auroc"]), components=dict(r["extras"]),
                          tokens=r["tokens"], seconds=r["seconds"],
                          tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] > 0 else float("nan"))
         for r in history

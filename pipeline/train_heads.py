@@ -65,6 +65,9 @@ class EpochMetrics:
     epoch: int
     loss: float
     """Mean over the epoch's steps of sum_heads layer_weight * head loss."""
+    loss_curve: list[list[float]]
+    """[[steps done, mean loss of the steps since the previous point], ...] (`pipeline.fit`);
+    empty for an epoch restored from a checkpoint that predates the curve."""
     agreement: dict[int, float]
     """Per head layer: share of probe rows whose top-1 equals the final layer's top-1."""
     accuracy: dict[int, float]
@@ -233,7 +236,8 @@ def prepare_head_objective(cfg: HeadsConfig, layers: Sequence[int], num_layers: 
 def head_epoch_metrics(history: list[dict[str, Any]]) -> list[EpochMetrics]:
     """`EpochMetrics` of a `FitOutcome.history` whose end-of-epoch metrics are `probe_metrics`."""
     return [
-        EpochMetrics(epoch=r["epoch"], loss=r["loss"], agreement=dict(r["agreement"]), accuracy=dict(r["accuracy"]),
+        EpochMetrics(epoch=r["epoch"], loss=r["loss"], loss_curve=list(r.get("loss_curve", [])),
+                     agreement=dict(r["agreement"]), accuracy=dict(r["accuracy"]),
                      tokens=r["tokens"], seconds=r["seconds"],
                      tokens_per_s=r["tokens"] / r["seconds"] if r["seconds"] > 0 else float("nan"))
         for r in history

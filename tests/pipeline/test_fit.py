@@ -44,8 +44,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(synth, tmp_path):
     resumed = train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, checkpoints=ckpt, progress=False)
     assert resumed.resumed_from_epoch == 1 and resumed.steps == straight.steps == 48
     assert_same_state(resumed.state, straight.state)
-    assert [(e.epoch, e.loss, e.agreement) for e in resumed.epochs] == \
-        [(e.epoch, e.loss, e.agreement) for e in straight.epochs]
+    assert [(e.epoch, e.loss, e.loss_curve, e.agreement) for e in resumed.epochs] == \
+        [(e.epoch, e.loss, e.loss_curve, e.agreement) for e in straight.epochs]
 
     again = train_heads(cfg, LAYERS, NUM_LAYERS, synth.teacher, synth.train, checkpoints=ckpt, progress=False)
     assert again.resumed_from_epoch == 2 and again.steps == 48  # finished: nothing left to do
@@ -77,6 +77,18 @@ def test_max_steps_is_spread_over_the_epochs(synth):
     result = train_heads(heads_cfg(epochs=3, max_steps=5), LAYERS, NUM_LAYERS, synth.teacher, synth.small,
                          progress=False)
     assert result.steps == 5 and [e.tokens for e in result.epochs] == [512, 512, 256]
+
+
+def test_the_loss_curve_has_a_point_per_window_of_steps_and_its_mean_is_the_epoch_loss(synth, monkeypatch):
+    import pipeline.fit
+
+    monkeypatch.setattr(pipeline.fit, "LOSS_CURVE_POINTS", 3)  # 10 steps (5 per epoch) -> windows of 4 steps
+    result = train_heads(heads_cfg(epochs=2, max_steps=10), LAYERS, NUM_LAYERS, synth.teacher, synth.train,
+                         progress=False)
+    first, second = (e.loss_curve for e in result.epochs)
+    assert [s for s, _ in first] == [4, 5] and [s for s, _ in second] == [8, 10]  # each epoch ends a window
+    assert (first[0][1] * 4 + first[1][1]) / 5 == pytest.approx(result.epochs[0].loss)
+    assert (second[0][1] * 3 + second[1][1] * 2) / 5 == pytest.approx(result.epochs[1].loss)
 
 
 # ----------------------------------------------------------------------------- divergence
