@@ -9,7 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "quantize", "evaluate", "all", "recalibrate")
+RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "quantize", "evaluate", "pipeline",
+            "all", "recalibrate")
+"""Flow names (as in the Prefect UI and prefect.yaml); `all` is short for `pipeline`."""
 
 EPILOG = """\
 examples:
@@ -51,6 +53,8 @@ def _human_size(n: float) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: telemetry only logs errors
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.dag import FLOWS
     from flows.stages.base import PRODUCED_BY
     from stores.artifacts import ArtifactStore
@@ -69,6 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.recalibrate import recalibrate_flow
 
         out = recalibrate_flow(**kwargs, data_source=args.data_source)
+        if out.get("skipped"):
+            print(out["reason"])
+            return 0
         print(f"calibration  {out['calibration']}")
         print(f"previous     {out['previous']}")
         print(f"promoted     {out['promoted']}: {out['reason']}")
@@ -77,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     elif args.data_source:
         raise SystemExit("error: --data-source applies to `run recalibrate` only")
-    result = FLOWS[args.stage](**kwargs)
+    result = FLOWS["pipeline" if args.stage == "all" else args.stage](**kwargs)
     store = ArtifactStore(root)
     keys = {name: key for name, key in result.items() if key}
     for name, key in keys.items():
@@ -160,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a stage (a cache hit when its inputs are unchanged)",
                          description="Run a stage as a Prefect flow, its upstream stages first "
                          "(cache hits when unchanged). Same inputs: no work.")
-    run.add_argument("stage", choices=RUNNABLE, help="stage to run; `all` runs the whole pipeline")
+    run.add_argument("stage", choices=RUNNABLE, help="stage to run; `pipeline` (or `all`) runs every stage")
     run.add_argument("--config", help="YAML config file setting what differs from the defaults (`exitflow config` lists them)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set extract.layers=[6,12] (repeatable)")

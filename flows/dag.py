@@ -12,6 +12,8 @@ The DAG (one line per stage in :class:`Dag`)::
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, get_run_logger
 
 from flows.stages.base import StageContext
@@ -23,7 +25,20 @@ from flows.stages.teacher_topk import TeacherTopkStage
 from flows.stages.train_gates import TrainGatesStage
 from flows.stages.train_heads import TrainHeadsStage
 from flows.tasks import submit
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import (
+    CalibrateConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    GatesConfig,
+    HeadsConfig,
+    InputsConfig,
+    ModelConfig,
+    QuantizeConfig,
+    load_config,
+)
 from stores.artifacts import ArtifactStore
 
 
@@ -40,8 +55,9 @@ class Dag:
         return key
 
     @classmethod
-    def load(cls, config_path: str | None, overrides: list[str] | None, root: str | None) -> "Dag":
-        return cls(load_config(config_path, overrides or []), ArtifactStore(root))
+    def load(cls, config_path: str | None, overrides: list[str] | None, root: str | None, **sections) -> "Dag":
+        """The config file, then the typed sections' non-default fields, then the overrides."""
+        return cls(load_config(config_path, overrides or [], sections), ArtifactStore(root))
 
     @property
     def cfg(self) -> Config:
@@ -68,14 +84,14 @@ class Dag:
 
     def heads(self, train: str | None, ev: str | None) -> str:
         if self.cfg.inputs.heads:
-            return self._note("heads", self.store.resolve(self.cfg.inputs.heads, TrainHeadsStage.name).key)
+            return self._note("heads", self.store.resolve_input(self.cfg.inputs.heads, "heads", TrainHeadsStage.name).key)
         topk = self.teacher_topk(train) if train and self.cfg.heads.efficient_loss else None
         return self._note("heads", submit(TrainHeadsStage(), self.ctx,
                                           {"cache": train, "teacher_topk": topk, "eval_cache": ev}))
 
     def gates(self, train: str, heads: str, ev: str | None) -> str:
         if self.cfg.inputs.gates:
-            return self._note("gates", self.store.resolve(self.cfg.inputs.gates, TrainGatesStage.name).key)
+            return self._note("gates", self.store.resolve_input(self.cfg.inputs.gates, "gates", TrainGatesStage.name).key)
         return self._note("gates", submit(TrainGatesStage(), self.ctx, {"cache": train, "heads": heads, "eval_cache": ev}))
 
     def calibrate(self, calib: str, heads: str, gates: str | None, ev: str | None) -> str:
@@ -101,102 +117,182 @@ class Dag:
             "eval_cache": ev, **head_set, "calibration": calibration, "teacher_topk": topk}))
 
 
+Split = Literal["train", "calib", "eval"]
+
+_COMMON_ARGS = """
+    Args:
+        config_path: Optional YAML config file (e.g. configs/quick.yaml), relative to the
+            repository. Form fields left at their defaults keep the file's values.
+        overrides: Optional `section.key=value` settings applied last, e.g. `heads.epochs=3`.
+        root: Artifact root folder; default $EXITFLOW_HOME or ./.exitflow.
+"""
+_SECTION_ARGS = {
+    "inputs": "Existing artifacts to use instead of producing them: a key, a unique prefix, "
+              "`current` or `latest`; empty fields are derived from the settings.",
+    "model": "The frozen backbone.",
+    "data": "The corpus and its train/calib/eval split.",
+    "extract": "Which layers' hidden states to cache, and how.",
+    "heads": "Early-exit head training.",
+    "gates": "Exit gate training.",
+    "calibrate": "Entropy and gate thresholds per accuracy level.",
+    "quantize": "Ternary (BitNet b1.58) retraining of heads and gates.",
+    "evaluate": "Held-out evaluation and the decoding comparison.",
+}
+
+
+def _documented(*sections: str, extra: str = ""):
+    """Append the parameters' help (shown under each field of the run form) to a flow's docstring."""
+    def wrap(fn):
+        lines = [f"        {name}: {_SECTION_ARGS[name]}" for name in sections]
+        fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _COMMON_ARGS.rstrip() + "\n" + "\n".join(lines) + extra
+        return fn
+    return wrap
+
+
 @flow(name="extract", log_prints=True)
-def extract_flow(config_path: str | None = None, overrides: list[str] | None = None, root: str | None = None,
-                 split: str | None = None) -> dict[str, str]:
+@_documented("model", "data", "extract", extra="\n        split: Which split to extract; default extract.split.\n")
+def extract_flow(model: ModelConfig = ModelConfig(), data: DataConfig = DataConfig(),
+                 extract: ExtractConfig = ExtractConfig(), split: Split | None = None,
+                 config_path: str | None = None, overrides: list[str] | None = None,
+                 root: str | None = None) -> dict[str, str]:
     """Extract one split's hidden states into a content-addressed zarr cache."""
-    dag = Dag.load(config_path, overrides, root)
+    dag = Dag.load(config_path, overrides, root, model=model, data=data, extract=extract)
     dag.extract(split or dag.cfg.extract.split)
     return dag.keys
 
 
 @flow(name="teacher_topk", log_prints=True)
-def teacher_topk_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                      root: str | None = None) -> dict[str, str]:
+@_documented("inputs", "model", "data", "extract", "heads")
+def teacher_topk_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = ModelConfig(),
+                      data: DataConfig = DataConfig(), extract: ExtractConfig = ExtractConfig(),
+                      heads: HeadsConfig = HeadsConfig(), config_path: str | None = None,
+                      overrides: list[str] | None = None, root: str | None = None) -> dict[str, str]:
     """The final layer's top-k per token of the train cache (extracted first if missing),
     which the efficient head-training loss reads."""
-    dag = Dag.load(config_path, overrides, root)
+    dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads)
     dag.teacher_topk(dag.extract("train"))
     return dag.keys
 
 
 @flow(name="train_heads", log_prints=True)
-def train_heads_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                     root: str | None = None) -> dict[str, str]:
+@_documented("inputs", "model", "data", "extract", "heads")
+def train_heads_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = ModelConfig(),
+                     data: DataConfig = DataConfig(), extract: ExtractConfig = ExtractConfig(),
+                     heads: HeadsConfig = HeadsConfig(), config_path: str | None = None,
+                     overrides: list[str] | None = None, root: str | None = None) -> dict[str, str]:
     """Train early-exit heads from the train cache (extracted first if missing), or with the
     backbone running every step (``heads.mode: online``), and evaluate them against the logit
     lens on the eval cache."""
-    dag = Dag.load(config_path, overrides, root)
+    dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads)
     train = dag.extract("train") if dag.cfg.heads.mode == "offline" else None  # online: no train cache
     dag.heads(train, dag.eval_cache())
     return dag.keys
 
 
 @flow(name="train_gates", log_prints=True)
-def train_gates_flow(config_path: str | None = None, overrides: list[str] | None = None,
+@_documented("inputs", "model", "data", "extract", "heads", "gates")
+def train_gates_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = ModelConfig(),
+                     data: DataConfig = DataConfig(), extract: ExtractConfig = ExtractConfig(),
+                     heads: HeadsConfig = HeadsConfig(), gates: GatesConfig = GatesConfig(),
+                     config_path: str | None = None, overrides: list[str] | None = None,
                      root: str | None = None) -> dict[str, str]:
     """Train one exit gate per head (heads trained first if missing)."""
-    dag = Dag.load(config_path, overrides, root)
+    dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads,
+                   gates=gates)
     train, ev = dag.extract("train"), dag.eval_cache()
     dag.gates(train, dag.heads(train, ev), ev)
     return dag.keys
 
 
 @flow(name="calibrate", log_prints=True)
-def calibrate_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                   root: str | None = None) -> dict[str, str]:
+@_documented("inputs", "model", "data", "extract", "heads", "gates", "calibrate")
+def calibrate_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = ModelConfig(),
+                   data: DataConfig = DataConfig(), extract: ExtractConfig = ExtractConfig(),
+                   heads: HeadsConfig = HeadsConfig(), gates: GatesConfig = GatesConfig(),
+                   calibrate: CalibrateConfig = CalibrateConfig(), config_path: str | None = None,
+                   overrides: list[str] | None = None, root: str | None = None) -> dict[str, str]:
     """Entropy and gate thresholds per head and accuracy level, with a Learn-then-Test
     guarantee, checked on the eval split."""
-    dag = Dag.load(config_path, overrides, root)
-    train, ev, calib = dag.extract("train"), dag.eval_cache(), dag.extract("calib")
-    heads = dag.heads(train, ev)
-    dag.calibrate(calib, heads, dag.gates(train, heads, ev), ev)
+    dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads,
+                   gates=gates, calibrate=calibrate)
+    _calibrate(dag)
     return dag.keys
 
 
+def _calibrate(dag: Dag) -> tuple[str, str, str | None, str, str | None, str]:
+    train, ev, calib = dag.extract("train"), dag.eval_cache(), dag.extract("calib")
+    heads = dag.heads(train, ev)
+    gates = dag.gates(train, heads, ev)
+    return train, heads, gates, calib, ev, dag.calibrate(calib, heads, gates, ev)
+
+
 @flow(name="quantize", log_prints=True)
-def quantize_flow(config_path: str | None = None, overrides: list[str] | None = None,
+@_documented("inputs", "model", "data", "extract", "heads", "gates", "calibrate", "quantize")
+def quantize_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = ModelConfig(),
+                  data: DataConfig = DataConfig(), extract: ExtractConfig = ExtractConfig(),
+                  heads: HeadsConfig = HeadsConfig(), gates: GatesConfig = GatesConfig(),
+                  calibrate: CalibrateConfig = CalibrateConfig(), quantize: QuantizeConfig = QuantizeConfig(),
+                  config_path: str | None = None, overrides: list[str] | None = None,
                   root: str | None = None) -> dict[str, str]:
     """Retrain the heads and gates as ternary (BitNet b1.58) networks, packed 2 bits a weight,
     and calibrate them with the same guarantee as the float ones."""
-    dag = Dag.load(config_path, overrides, root)
+    dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads,
+                   gates=gates, calibrate=calibrate, quantize=quantize)
     train, ev, calib = dag.extract("train"), dag.eval_cache(), dag.extract("calib")
-    heads = dag.heads(train, ev)
-    q = dag.quantize(train, heads, dag.gates(train, heads, ev), ev)
+    heads_key = dag.heads(train, ev)
+    q = dag.quantize(train, heads_key, dag.gates(train, heads_key, ev), ev)
     dag.calibrate_quantized(calib, q, ev)
     return dag.keys
 
 
-@flow(name="evaluate", log_prints=True)
-def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                  root: str | None = None, quantized: bool = False) -> dict[str, str]:
-    """What the heads buy on the eval split: head quality, guarantees held, cascade savings,
-    gate operating points, and (``evaluate.decode``) self-speculative decoding against greedy;
-    with ``quantized`` the ternary heads too, retrained, calibrated and evaluated the same way."""
-    dag = Dag.load(config_path, overrides, root)
+def _evaluate(dag: Dag, quantized: bool) -> None:
     if not dag.has_split("eval"):
         raise ConfigError("evaluate needs an eval split: give data.fractions an eval share > 0 or set "
                           "inputs.eval_cache")
-    train, ev, calib = dag.extract("train"), dag.eval_cache(), dag.extract("calib")
-    heads = dag.heads(train, ev)
-    gates = dag.gates(train, heads, ev)
-    dag.evaluate(ev, heads, gates, dag.calibrate(calib, heads, gates, ev), train)
+    train, heads, gates, calib, ev, calibration = _calibrate(dag)
+    dag.evaluate(ev, heads, gates, calibration, train)
     if quantized:
         q = dag.quantize(train, heads, gates, ev)
         dag.evaluate(ev, heads, gates, dag.calibrate_quantized(calib, q, ev), train, quantized=q)
+
+
+@flow(name="evaluate", log_prints=True)
+@_documented("inputs", "model", "data", "extract", "heads", "gates", "calibrate", "evaluate", "quantize",
+             extra="\n        quantized: Also retrain, calibrate and evaluate the ternary heads.\n")
+def evaluate_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = ModelConfig(),
+                  data: DataConfig = DataConfig(), extract: ExtractConfig = ExtractConfig(),
+                  heads: HeadsConfig = HeadsConfig(), gates: GatesConfig = GatesConfig(),
+                  calibrate: CalibrateConfig = CalibrateConfig(), evaluate: EvaluateConfig = EvaluateConfig(),
+                  quantize: QuantizeConfig = QuantizeConfig(), quantized: bool = False,
+                  config_path: str | None = None, overrides: list[str] | None = None,
+                  root: str | None = None) -> dict[str, str]:
+    """What the heads buy on the eval split: head quality, guarantees held, cascade savings,
+    gate operating points, and (``evaluate.decode``) self-speculative decoding against greedy;
+    with ``quantized`` the ternary heads too, retrained, calibrated and evaluated the same way."""
+    dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads,
+                   gates=gates, calibrate=calibrate, evaluate=evaluate, quantize=quantize)
+    _evaluate(dag, quantized)
     return dag.keys
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(config_path: str | None = None, overrides: list[str] | None = None,
-                  root: str | None = None) -> dict[str, str]:
-    """Every implemented stage, in DAG order; unchanged stages are cache hits."""
-    dag = Dag.load(config_path, overrides, root)
+@_documented("inputs", "model", "data", "extract", "heads", "gates", "calibrate", "quantize", "evaluate")
+def pipeline_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = ModelConfig(),
+                  data: DataConfig = DataConfig(), extract: ExtractConfig = ExtractConfig(),
+                  heads: HeadsConfig = HeadsConfig(), gates: GatesConfig = GatesConfig(),
+                  calibrate: CalibrateConfig = CalibrateConfig(), quantize: QuantizeConfig = QuantizeConfig(),
+                  evaluate: EvaluateConfig = EvaluateConfig(), config_path: str | None = None,
+                  overrides: list[str] | None = None, root: str | None = None) -> dict[str, str]:
+    """Every stage in DAG order (extract, teacher top-k, heads, gates, calibration, evaluation,
+    and the ternary heads' quantization, calibration and evaluation); unchanged stages are cache
+    hits. Its calibration becomes `latest`, and `current` when there is none yet."""
+    dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads,
+                   gates=gates, calibrate=calibrate, quantize=quantize, evaluate=evaluate)
     if dag.has_split("eval"):
-        keys = evaluate_flow(config_path=config_path, overrides=overrides, root=root, quantized=True)
+        _evaluate(dag, quantized=True)
     else:
-        keys = calibrate_flow(config_path=config_path, overrides=overrides, root=root)
-    store = ArtifactStore(root)
+        _calibrate(dag)
+    keys, store = dag.keys, dag.store
     store.set_pointer("latest", CalibrateStage.name, keys["calibration"], **{k: v for k, v in keys.items() if v})
     if store.get_pointer("current") is None:  # the first calibration is what a deployment starts from
         store.set_pointer("current", CalibrateStage.name, keys["calibration"], reason="first calibration")
@@ -206,5 +302,6 @@ def pipeline_flow(config_path: str | None = None, overrides: list[str] | None = 
 
 FLOWS = {"extract": extract_flow, "teacher_topk": teacher_topk_flow, "train_heads": train_heads_flow,
          "train_gates": train_gates_flow, "calibrate": calibrate_flow, "quantize": quantize_flow,
-         "evaluate": evaluate_flow, "all": pipeline_flow}
-"""What `exitflow run <name>` runs (recalibration has its own flow in :mod:`flows.recalibrate`)."""
+         "evaluate": evaluate_flow, "pipeline": pipeline_flow}
+"""What `exitflow run <name>` runs, by flow name (recalibration has its own flow in
+:mod:`flows.recalibrate`)."""

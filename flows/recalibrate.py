@@ -15,6 +15,7 @@ to keep the thresholds that are in service and let a person look at the drift ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -26,7 +27,7 @@ from flows.stages.recalibrate import RecalibrateStage, load_outcome
 from flows.stages.train_gates import TrainGatesStage
 from flows.stages.train_heads import TrainHeadsStage
 from flows.tasks import submit
-from pipeline.config import ConfigError
+from pipeline.config import CalibrateConfig, ConfigError, DataConfig, ExtractConfig, InputsConfig, ModelConfig
 from pipeline.recalibrate import RecalibrationOutcome
 from reports.recalibration import drift_rows_table, recalibration_markdown, unchanged_markdown
 from stores.artifacts import ArtifactNotFound, ArtifactStore
@@ -60,12 +61,13 @@ def _deployed(dag: Dag) -> _Deployed:
                                      cfg.inputs.heads, deployed.source, deployed.heads[:12])
         return deployed
     if cfg.inputs.heads:
-        heads = store.resolve(cfg.inputs.heads, TrainHeadsStage.name).key
-        gates = store.resolve(cfg.inputs.gates, TrainGatesStage.name).key if cfg.inputs.gates else None
+        heads = store.resolve_input(cfg.inputs.heads, "heads", TrainHeadsStage.name).key
+        gates = store.resolve_input(cfg.inputs.gates, "gates", TrainGatesStage.name).key if cfg.inputs.gates else None
         return _Deployed(heads, gates, None, "inputs.heads of the config")
     raise NothingToRecalibrate(
         f"nothing to recalibrate under {store.root}: no `current` calibration and no inputs.heads in the config; "
-        "run `exitflow run all` first (its calibration becomes the current one), or set inputs.heads=<key>"
+        "run the pipeline first (`exitflow run pipeline`, or the pipeline deployment; its calibration becomes the "
+        "current one), or set inputs.heads to a heads artifact key"
     )
 
 
@@ -103,21 +105,58 @@ def _publish_to_ui(rows: list[dict], reason: str, markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key=UI_SUMMARY_KEY, description="Recalibration decision")
 
 
+def _not_ready(dag: Dag) -> str | None:
+    """Why there is nothing to recalibrate yet, or None: a scheduled deployment runs before the
+    first pipeline and before data arrives, and that is a state, not a failure."""
+    source = dag.cfg.data.source
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        return (f"nothing to recalibrate yet: the data folder {source} does not exist; put new documents there "
+                "(or point data_source at them) and the next run recalibrates on them")
+    try:
+        _deployed(dag)
+    except NothingToRecalibrate as e:
+        return str(e)
+    return None
+
+
 @flow(name="recalibrate", log_prints=True)
-def recalibrate_flow(config_path: str | None = None, overrides: list[str] | None = None, root: str | None = None,
-                     data_source: str | None = None) -> dict:
-    """Re-fit the deployed heads' exit thresholds on fresh data (``data_source`` overrides
-    ``data.source``) and move the `current` calibration to them only if the thresholds meet
-    their targets on the held-out split. Unchanged data: a cache hit, nothing moves."""
+def recalibrate_flow(data_source: str | None = None, inputs: InputsConfig = InputsConfig(),
+                     model: ModelConfig = ModelConfig(), data: DataConfig = DataConfig(),
+                     extract: ExtractConfig = ExtractConfig(), calibrate: CalibrateConfig = CalibrateConfig(),
+                     config_path: str | None = None, overrides: list[str] | None = None,
+                     root: str | None = None) -> dict:
+    """Re-fit the deployed heads' exit thresholds on fresh data and move the `current`
+    calibration to them only if the thresholds meet their targets on the held-out split.
+    Unchanged data: a cache hit, nothing moves. No `current` calibration or no data yet: the
+    run completes and says so.
+
+    Args:
+        data_source: Folder or file of new documents; overrides data.source.
+        inputs: Heads and gates to recalibrate when there is no `current` calibration yet.
+        model: The frozen backbone (must be the one the heads were trained on).
+        data: The corpus settings; its calib and eval splits are extracted.
+        extract: How the hidden states are cached.
+        calibrate: Entropy and gate thresholds per accuracy level.
+        config_path: Optional YAML config file; form fields left at their defaults keep its values.
+        overrides: Optional `section.key=value` settings applied last.
+        root: Artifact root folder; default $EXITFLOW_HOME or ./.exitflow.
+    """
     logger = get_run_logger()
-    dag = _with_source(Dag.load(config_path, overrides, root), data_source)
+    dag = _with_source(Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract,
+                                calibrate=calibrate), data_source)
     store = dag.store
+    waiting = _not_ready(dag)
+    if waiting:
+        logger.info(waiting)
+        _publish_to_ui([], waiting, unchanged_markdown(waiting))
+        return {"calibration": None, "previous": None, "promoted": False, "recalibrate": None, "skipped": True,
+                "reason": waiting}
     deployed = _deployed(dag)
     logger.info("recalibrating heads %s, gates %s (from the %s) on %s", deployed.heads[:12],
                 (deployed.gates or "-")[:12], deployed.source, dag.cfg.data.source)
     if not dag.has_split("eval"):
         raise ConfigError("recalibration checks the new thresholds on held-out tokens: give data.fractions an "
-                          "eval share > 0 (e.g. --set 'data.fractions={train: 0.8, calib: 0.1, eval: 0.1}') "
+                          "eval share > 0 (e.g. data.fractions={train: 0.8, calib: 0.1, eval: 0.1}) "
                           "or set inputs.eval_cache")
     calib, ev = dag.extract("calib"), dag.extract("eval")
     new_key = dag.calibrate(calib, deployed.heads, deployed.gates, ev)

@@ -179,7 +179,7 @@ class Backbone:
         if bad:
             raise BackboneError(
                 f"exit layers {bad} are outside 1..{self.num_layers - 1} for this {self.num_layers}-layer backbone; "
-                f"pick 1-based decoder layers in that range, e.g. --set extract.layers=[{max(1, self.num_layers // 4)}]"
+                f"pick 1-based decoder layers in that range, e.g. set extract.layers=[{max(1, self.num_layers // 4)}]"
             )
 
     def check_seq_len(self, seq_len: int) -> None:

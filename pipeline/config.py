@@ -26,6 +26,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """The frozen backbone: which model, in which dtype, on which device."""
+
     source: str = EMBEDDED_MODEL
     """Backbone: `embedded:smollm2` (ships with the package), a local folder, a `.gguf` file, or a hub id."""
     gguf_file: str | None = None
@@ -43,6 +45,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
+    """The corpus and how its documents split into train, calib and eval."""
+
     source: str = EMBEDDED_CORPUS
     """Corpus: `embedded:pydoc` (Python language reference), a local file or folder
     (txt, json/jsonl, parquet, csv), or a Hugging Face dataset name."""
@@ -54,7 +58,7 @@ class DataConfig(_Section):
     """Column holding the text, for tabular sources."""
     seq_len: int = Field(256, gt=1)
     """Tokens per packed sequence."""
-    fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "calib": 0.1, "eval": 0.1})
+    fractions: dict[str, float] = Field({"train": 0.8, "calib": 0.1, "eval": 0.1})
     """Share of documents in each split; documents never cross splits."""
     seed: int = 0
     """Seed of the document shuffle that assigns documents to splits."""
@@ -73,9 +77,11 @@ class DataConfig(_Section):
 
 
 class ExtractConfig(_Section):
+    """Which layers' hidden states the extract stage caches, and how."""
+
     split: Literal["train", "calib", "eval"] = "train"
     """Which of our splits to extract."""
-    layers: list[int] = Field(default_factory=lambda: [6, 12, 18, 24])
+    layers: list[int] = Field([6, 12, 18, 24])
     """Exit layers (1-based decoder layer outputs, 1..L-1); the final-norm state is always stored."""
     storage_dtype: Literal["float16", "bfloat16", "int8"] = "float16"
     """Cache dtype: float16 (checked for overflow), bfloat16 (as uint16 bits), or int8 with a per-token scale."""
@@ -99,6 +105,8 @@ class ExtractConfig(_Section):
 
 
 class HeadsConfig(_Section):
+    """Early-exit heads: one per exit layer, trained to match the final layer."""
+
     layers: list[int] | None = None
     """Exit layers to train heads for; default: every layer in the cache (online: extract.layers)."""
     mode: Literal["offline", "online"] = "offline"
@@ -132,11 +140,13 @@ class HeadsConfig(_Section):
     """Exponent on the token mass in the `frequency` proposal: 1 follows the teacher's
     marginal, 0 is uniform."""
     epochs: int = Field(2, gt=0)
+    """Passes over the train cache."""
     batch_tokens: int = Field(1024, gt=0)
     """Tokens per optimizer step."""
     lr: float = Field(3e-3, gt=0)
     """Peak AdamW learning rate (after warm-up; cosine decay to the end)."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(20, ge=0)
     """Optimizer steps of linear learning-rate warm-up."""
     grad_clip: float = Field(1.0, gt=0)
@@ -144,11 +154,14 @@ class HeadsConfig(_Section):
     buffer_chunks: int = Field(4, gt=0)
     """Chunks held in memory by the shuffling reader."""
     seed: int = 0
+    """Seed of the head initialisation, batch order and sampled negatives."""
     max_steps: int | None = Field(None, gt=0)
     """Stop after this many optimizer steps (per epoch budget is then spread evenly)."""
 
 
 class GatesConfig(_Section):
+    """Exit gates: one small network per head that learns when its head may answer."""
+
     hidden_ratio: int = Field(4, gt=0)
     """Gate hidden width is hidden_size // hidden_ratio."""
     sampling: Literal["straight_through", "gumbel"] = "straight_through"
@@ -162,21 +175,32 @@ class GatesConfig(_Section):
     threshold: float = Field(0.5, gt=0, lt=1)
     """Inference exit threshold on p_exit."""
     epochs: int = Field(2, gt=0)
+    """Passes over the gates' train tokens."""
     batch_tokens: int = Field(2048, gt=0)
+    """Tokens per optimizer step."""
     lr: float = Field(1e-3, gt=0)
+    """Peak AdamW learning rate (after warm-up; cosine decay to the end)."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(20, ge=0)
+    """Optimizer steps of linear learning-rate warm-up."""
     grad_clip: float = Field(1.0, gt=0)
+    """Gradient norm clip."""
     buffer_chunks: int = Field(4, gt=0)
+    """Chunks held in memory by the shuffling reader."""
     seed: int = 0
+    """Seed of the gate initialisation, batch order and exit samples."""
     max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps (per epoch budget is then spread evenly)."""
     max_tokens: int | None = Field(32768, gt=0)
     """Gates learn from at most this many train tokens: labelling a token costs every head a
     full-vocabulary pass, and a gate has ~H^2/4 parameters. None: all tokens."""
 
 
 class CalibrateConfig(_Section):
-    levels: list[float] = Field(default_factory=lambda: [0.75, 0.85, 0.90, 0.95, 0.99])
+    """Exit thresholds per head and accuracy level, with a statistical guarantee."""
+
+    levels: list[float] = Field([0.75, 0.85, 0.90, 0.95, 0.99])
     """Target accuracies of exited tokens."""
     delta: float = Field(0.1, gt=0, lt=1)
     """Allowed probability that the guarantee fails (accuracy below target on new data)."""
@@ -205,6 +229,8 @@ class CalibrateConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    """Held-out evaluation: head quality, guarantees, cascade savings and decoding speed."""
+
     max_tokens: int | None = Field(None, gt=0)
     """Score at most this many eval tokens (None: the whole eval cache)."""
     decode: bool = True
@@ -218,7 +244,7 @@ class EvaluateConfig(_Section):
     """Tokens generated per prompt."""
     exit_layers: list[int] | None = None
     """Draft exit layers to compare; None: every head's layer in the lower half of the model."""
-    draft_lens: list[int] = Field(default_factory=lambda: [2, 4])
+    draft_lens: list[int] = Field([2, 4])
     """Fixed draft lengths k to compare (each >= 1); an adaptive draft (up to the largest k,
     stopped by the head's calibrated entropy threshold) runs beside them."""
     draft_level: float | None = Field(None, gt=0, lt=1)
@@ -286,10 +312,15 @@ class InputsConfig(_Section):
     instead of the ones the rest of the config implies. Unset: derived from the config."""
 
     train_cache: str | None = None
+    """Train split cache to train from: an artifact key or unique prefix, `current` or `latest`."""
     calib_cache: str | None = None
+    """Calibration split cache: a key or prefix, `current` (the calibration in service) or `latest`."""
     eval_cache: str | None = None
+    """Eval split cache for held-out numbers: a key or prefix, `current` or `latest`."""
     heads: str | None = None
+    """Trained heads to use instead of training: a key or prefix, `current` or `latest`."""
     gates: str | None = None
+    """Trained gates to use instead of training: a key or prefix, `current` or `latest`."""
 
 
 class Config(_Section):
@@ -326,7 +357,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     problems = []
     for item in overrides:
         if "=" not in item:
-            problems.append(f"  - --set {item!r}: expected key=value, e.g. --set extract.batch_size=4")
+            problems.append(f"  - override {item!r}: expected section.key=value, e.g. extract.batch_size=4")
             continue
         path, value = item.split("=", 1)
         parts = path.strip().split(".")
@@ -334,7 +365,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                problems.append(f"  - --set {item!r}: {part!r} is not a section")
+                problems.append(f"  - override {item!r}: {part!r} is not a section")
                 break
         else:
             # artifact keys are hex: one that happens to be all digits must stay a string
@@ -344,24 +375,51 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply overrides, validate everything at once."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                sections: dict[str, BaseModel | dict] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply `sections`, then `overrides`, and validate
+    everything at once.
+
+    `sections` are typed sections as a run form submits them (every field filled in): only
+    the fields that differ from their defaults apply, so a field left at its default keeps
+    the config file's value.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+            raise ConfigError(f"config file {str(path)!r} does not exist; give the path of an existing YAML file (relative to the working folder)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+    for name, section in (sections or {}).items():
+        if name not in Config.model_fields:
+            raise ConfigError(f"unknown config section {name!r}; the sections are {list(Config.model_fields)}")
+        if isinstance(section, dict):
+            section = _validated_section(name, section)
+        data = _deep_merge(data, {name: section.model_dump(mode="json", exclude_defaults=True)})
     data = apply_overrides(data, overrides or [])
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
+
+
+def _validated_section(name: str, values: dict) -> BaseModel:
+    try:
+        return Config.model_fields[name].annotation.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e).replace("  - ", f"  - {name}.")) from None
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def canonical(section: BaseModel) -> dict:

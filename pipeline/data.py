@@ -94,14 +94,14 @@ def _text_column(ds, where: str, column: str) -> list[str]:
     if column not in ds.column_names:
         raise DataError(
             f"{where} has no column {column!r}; its columns are {ds.column_names}; "
-            f"pick one with --set data.text_column=<column>"
+            f"pick one: set data.text_column=<column>"
         )
     texts = [t for t in ds[column] if t is not None]
     bad = next((t for t in texts if not isinstance(t, str)), None)
     if bad is not None:
         raise DataError(
             f"column {column!r} of {where} holds {type(bad).__name__} values, not text; "
-            "choose a text column with --set data.text_column=<column>"
+            "choose a text column: set data.text_column=<column>"
         )
     return texts
 

@@ -26,6 +26,9 @@ from typing import Any, Iterator
 from stores.files import file_sha256, write_json_atomic
 
 MANIFEST = "manifest.json"
+POINTERS = ("current", "latest")
+"""Pointer names a config may give instead of an artifact key: the calibration in service, and
+the last full pipeline run."""
 
 
 class StoreError(RuntimeError):
@@ -148,6 +151,27 @@ class ArtifactStore:
         if len(hits) > 1:
             raise StoreError(f"key prefix {key_prefix!r} is ambiguous ({len(hits)} artifacts); give more characters")
         return hits[0]
+
+    def resolve_input(self, ref: str, name: str, stage: str) -> Manifest:
+        """The upstream artifact a config names in ``inputs.<name>``: a key, a unique prefix,
+        or ``current``/``latest``, meaning the artifact of that name in the run the pointer
+        points to (the calibration's own inputs, and the heads' train cache)."""
+        if ref not in POINTERS:
+            return self.resolve(ref, stage)
+        pointer = self.get_pointer(ref)
+        if pointer is None:
+            raise ArtifactNotFound(f"inputs.{name}={ref}: there is no `{ref}` run under {self.root} yet; run the "
+                                   "pipeline once, or give an artifact key (`exitflow ls` lists them)")
+        key = pointer.get(name)
+        if key is None and pointer.get("stage") and self.exists(pointer["stage"], pointer["key"]):
+            pointed = self.manifest(pointer["stage"], pointer["key"])
+            key = pointed.inputs.get(name)
+            if key is None and name == "train_cache" and "heads" in pointed.inputs:
+                key = self.manifest("train_heads", pointed.inputs["heads"]).inputs.get("cache")
+        if key is None:
+            raise ArtifactNotFound(f"inputs.{name}={ref}: the `{ref}` run ({pointer.get('key', '?')[:12]}) has no "
+                                   f"{name}; give an artifact key instead (`exitflow ls --stage {stage}`)")
+        return self.manifest(stage, key)
 
     def size(self, stage: str, key: str) -> int:
         return sum(f.stat().st_size for f in self.path(stage, key).rglob("*") if f.is_file())

@@ -182,7 +182,7 @@ def _encode_hidden(name: str, x: np.ndarray | torch.Tensor, storage_dtype: str) 
         raise NonFiniteError(_non_finite_message(
             name, int((~finite).sum()), _absmax(xf[finite]), "NaN/inf values came out of the backbone",
             "The cache would be garbage. If the backbone runs in float16, run it in float32 or "
-            "bfloat16 (`--set model.dtype=float32`); storing wider does not help here, the values "
+            "bfloat16 (`model.dtype=float32`); storing wider does not help here, the values "
             "are already broken before `extract.storage_dtype=bfloat16` could apply.",
         ))
     if storage_dtype == "float16":
@@ -194,7 +194,7 @@ def _encode_hidden(name: str, x: np.ndarray | torch.Tensor, storage_dtype: str) 
                 raise NonFiniteError(_non_finite_message(
                     name, bad, m, f"values overflow float16 (max {_FLOAT16_MAX:g}) when cast",
                     "Some models carry activations beyond the float16 range on a few dimensions; store "
-                    "bfloat16 instead: `--set extract.storage_dtype=bfloat16` (or int8).",
+                    "bfloat16 instead: `extract.storage_dtype=bfloat16` (or int8).",
                 ))
         return {name: h}
     if storage_dtype == "bfloat16":
@@ -205,7 +205,7 @@ def _encode_hidden(name: str, x: np.ndarray | torch.Tensor, storage_dtype: str) 
         if bad:
             raise NonFiniteError(_non_finite_message(
                 name, bad, m, "values overflow bfloat16 when cast",
-                "Store int8 with a per-row scale instead: `--set extract.storage_dtype=int8`.",
+                "Store int8 with a per-row scale instead: `extract.storage_dtype=int8`.",
             ))
         return {name: b}
     # int8: per-row absmax scale, so one outlier dimension costs precision only in its own row

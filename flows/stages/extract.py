@@ -115,7 +115,7 @@ def resolve_cache(cfg: Config, store: ArtifactStore, split: str) -> str:
     from the backbone the config names), else the key the config implies, which must exist."""
     explicit = getattr(cfg.inputs, f"{split}_cache")
     if explicit:
-        m = store.resolve(explicit, ExtractStage.name)
+        m = store.resolve_input(explicit, f"{split}_cache", ExtractStage.name)
         want = model_identity(cfg.model, store.file_hasher())
         if m.config["model"] != want:
             raise InputMismatch(

@@ -94,7 +94,7 @@ def _head_layers(cfg: HeadsConfig, cached: list[int]) -> list[int]:
     missing = [x for x in layers if x not in cached]
     if missing:
         raise InputMismatch(f"heads.layers {missing} are not in the cache (it holds {cached}); "
-                            f"train heads for cached layers or extract with --set extract.layers=[...]")
+                            f"train heads for cached layers or extract them (set extract.layers)")
     return sorted(layers)
 
 

@@ -190,11 +190,20 @@ def test_a_failed_held_out_check_keeps_the_current_calibration(site, monkeypatch
     assert dict(_task_states(run_id))[f"recalibrate-{out['recalibrate'][:12]}"] == "Cached"
 
 
-def test_without_deployed_heads_it_says_what_to_run(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
-    from flows.recalibrate import NothingToRecalibrate
+def test_without_deployed_heads_it_completes_and_says_what_to_run(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
+    out, _ = _recalibrate(tmp_path / "root", corpus_dir, _overrides(tiny_model_dir))
+    assert out["skipped"] is True and out["calibration"] is None and out["promoted"] is False
+    assert "nothing to recalibrate" in out["reason"] and "run the pipeline first" in out["reason"]
+    assert not (tmp_path / "root" / "artifacts").exists()  # nothing extracted for nothing to recalibrate
 
-    with pytest.raises(NothingToRecalibrate, match="exitflow run all"):
-        _recalibrate(tmp_path / "root", corpus_dir, _overrides(tiny_model_dir))
+
+def test_a_missing_data_folder_completes_as_nothing_to_do(site):
+    root, _, ov, keys = site
+    out, _ = _recalibrate(root, "./no/such/incoming", ov)
+    assert out["skipped"] is True and "data folder ./no/such/incoming does not exist" in out["reason"]
+    from stores.artifacts import ArtifactStore
+
+    assert ArtifactStore(root).get_pointer("current")["key"] == keys["calibration"]
 
 
 def test_heads_named_in_the_config_bootstrap_the_first_current(site):

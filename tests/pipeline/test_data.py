@@ -104,7 +104,7 @@ def test_folder_mixes_txt_and_tabular_in_name_order(tmp_path):
 def test_missing_column_lists_the_available_ones(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"body": "x", "title": "y"}')
-    with pytest.raises(DataError, match=r"no column 'text'; its columns are \['body', 'title'\].*--set data.text_column="):
+    with pytest.raises(DataError, match=r"no column 'text'; its columns are \['body', 'title'\].*set data.text_column="):
         load_corpus(DataConfig(source=str(path)))
 
 

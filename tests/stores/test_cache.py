@@ -228,7 +228,7 @@ def test_float16_overflow_names_the_fix(tmp_path):
         w.append(bad)
     msg = str(e.value)
     assert "layer_3" in msg and " 1 " in msg and "70000" in msg
-    assert "--set extract.storage_dtype=bfloat16" in msg
+    assert "extract.storage_dtype=bfloat16" in msg
     w.append(data)  # the failed append buffered nothing
     w.finish()
     # bfloat16 stores the same value without complaint
