@@ -38,6 +38,11 @@ def _cell(row: DriftRow, name: str) -> str:
     return f"{value:g}" if name == "level" else _fmt(value)
 
 
+def drift_rows(outcome: RecalibrationOutcome) -> list[dict[str, str]]:
+    """The drift rows as formatted cells under the markdown's column names (the HTML report's table)."""
+    return [{header: _cell(r, name) for name, header in _MARKDOWN_COLUMNS} for r in outcome.drift]
+
+
 def drift_rows_table(outcome: RecalibrationOutcome) -> list[dict]:
     """The drift rows as plain dicts for a UI table: keys in `DriftRow` order (predictor, head,
     level, ...), floats rounded to `TABLE_DIGITS`."""
@@ -65,8 +70,8 @@ def recalibration_markdown(outcome: RecalibrationOutcome, *, overruled: str | No
         "| " + " | ".join(header for _, header in _MARKDOWN_COLUMNS) + " |",
         "|" + "---|" * len(_MARKDOWN_COLUMNS),
     ]
-    for r in outcome.drift:
-        lines.append("| " + " | ".join(_cell(r, name) for name, _ in _MARKDOWN_COLUMNS) + " |")
+    for row in drift_rows(outcome):
+        lines.append("| " + " | ".join(row.values()) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -117,7 +117,8 @@ def run_stage(stage: Stage, ctx: StageContext, inputs: dict[str, str | None], pl
 PRODUCED_BY = {"cache": "extract", "train_cache": "extract", "calib_cache": "extract", "eval_cache": "extract",
                   "teacher_topk": "teacher_topk", "heads": "train_heads", "gates": "train_gates",
                   "calibration": "calibrate", "previous": "calibrate", "evaluation": "evaluate",
-                  "quantized": "quantize", "ternary_calibration": "calibrate", "ternary_evaluation": "evaluate"}
+                  "quantized": "quantize", "ternary_calibration": "calibrate", "ternary_evaluation": "evaluate",
+                  "recalibrate": "recalibrate", "report": "report"}
 """The stage that produces each named input of a stage or output of a flow (``data`` is a plan
 key, not an artifact)."""
 
