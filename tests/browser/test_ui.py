@@ -139,11 +139,15 @@ def _wait_for_run(api, deployment_id: str, worker_log: str) -> dict:
                          f"{Path(worker_log).read_text()[-3000:]}")
 
 
-def _report_links(api, flow_run_id: str) -> list[tuple[dict, str]]:
-    """Link artifacts of the run (its tasks' included) that point at an HTML report."""
-    arts = api.post("/artifacts/filter", json={
+def _artifacts(api, flow_run_id: str) -> list[dict]:
+    """The run's artifacts, its tasks' included."""
+    return api.post("/artifacts/filter", json={
         "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).raise_for_status().json()
-    return [(a, m.group(1)) for a in arts if isinstance(a.get("data"), str)
+
+
+def _report_links(api, flow_run_id: str) -> list[tuple[dict, str]]:
+    """Link artifacts of the run (a link is a markdown artifact `[text](url)`) to an HTML report."""
+    return [(a, m.group(1)) for a in _artifacts(api, flow_run_id) if isinstance(a.get("data"), str)
             for m in [REPORT_LINK.search(a["data"])] if m]
 
 
@@ -154,6 +158,7 @@ def test_a_stage_run_from_the_ui_links_its_report(served, tiny_inputs, browser, 
 
 def _drive_a_stage_run(served, tiny_inputs, browser):
     import httpx
+    from playwright.sync_api import expect
 
     root, state = served
     model_dir, corpus = tiny_inputs
@@ -193,11 +198,13 @@ def _drive_a_stage_run(served, tiny_inputs, browser):
     # the run page's Artifacts tab -> the report link -> the HTML report
     links = _report_links(api, run["id"])
     assert links, ("the run published no link artifact to a report.html; its artifacts: "
-                   f"{api.post('/artifacts/filter', json={}).json()}")
+                   f"{[(a.get('key'), a['type']) for a in _artifacts(api, run['id'])]}")
     artifact, url = links[0]
     assert url.startswith(state.reports_url + "/")
     page.goto(f"{state.ui_url}/runs/flow-run/{run['id']}", wait_until="networkidle")
     page.get_by_text("Artifacts", exact=True).click()
+    for key in sorted({a["key"] for a in _artifacts(api, run["id"]) if a.get("key")}):  # summaries, tables, the link
+        expect(page.get_by_text(key, exact=True).first).to_be_visible()
     if artifact.get("key"):
         page.get_by_text(artifact["key"], exact=True).first.click()
     else:
@@ -214,3 +221,6 @@ def _drive_a_stage_run(served, tiny_inputs, browser):
     assert all(img["ok"] for img in images), [img["src"] for img in images if not img["ok"]]
     text = report.inner_text("body")
     assert str(tokens) in text or f"{tokens:,}" in text, f"the train cache's {tokens} tokens are not in the report"
+    (heads,) = store.iter_manifests("train_heads")
+    for key in (train_cache.key, heads.key):  # this run's artifacts, not another's
+        assert key[:12] in text, f"{key[:12]} is not in the report"
