@@ -134,20 +134,26 @@ def markdown_table(rows: Rows) -> str:
     return "\n".join(lines)
 
 
-def html_table(rows: Rows) -> str:
-    """An HTML table of `rows` (columns: the first row's keys), cells escaped; "" when empty."""
+def html_table(rows: Rows, links: list[dict[str, str]] | None = None) -> str:
+    """An HTML table of `rows` (columns: the first row's keys), cells escaped; "" when empty.
+    `links`: per row, the cells (by column) that link somewhere, to that href."""
     if not rows:
         return ""
     columns = list(rows[0])
 
-    def cell(x: object) -> str:
+    def cell(x: object, href: str | None) -> str:
         text = str(x)
         cls = ' class="n"' if _NUMERIC.match(text) else ""
+        inner = html.escape(text)
         if len(text) > 4 and text.startswith("**") and text.endswith("**"):  # markdown emphasis, as in drift tables
-            return f"<td{cls}><strong>{html.escape(text[2:-2])}</strong></td>"
-        return f"<td{cls}>{html.escape(text)}</td>"
+            inner = f"<strong>{html.escape(text[2:-2])}</strong>"
+        if href is not None:
+            inner = f'<a href="{html.escape(href)}">{inner}</a>'
+        return f"<td{cls}>{inner}</td>"
 
     numeric = {c for c in columns if all(_NUMERIC.match(str(r.get(c, MISSING))) for r in rows)}
     head = "".join(("<th class=\"n\">" if c in numeric else "<th>") + f"{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(cell(r.get(c, MISSING)) for c in columns) + "</tr>" for r in rows)
+    links = links or [{} for _ in rows]
+    body = "".join("<tr>" + "".join(cell(r.get(c, MISSING), ln.get(c)) for c in columns) + "</tr>"
+                   for r, ln in zip(rows, links))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

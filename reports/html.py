@@ -8,7 +8,7 @@ import base64
 import html
 
 from reports.format import Figure, Section, Table, html_table
-from reports.run import RunArtifacts, describe_model
+from reports.run import RunArtifacts
 from reports.summary import headline_lines
 
 STYLE = """
@@ -68,7 +68,7 @@ def _section(s: Section) -> str:
 
 def render_html(run: RunArtifacts, sections: list[Section], head: dict) -> str:
     """The page: title (backbone, data, inputs), a navigation line, the headline, then each section."""
-    model = describe_model(run.model)
+    model = run.model_name
     nav = "".join(f'<a href="#{html.escape(s.id)}">{html.escape(s.title)}</a>' for s in sections)
     lines = "".join(f"<li>{html.escape(line)}</li>" for line in headline_lines(head))
     body = "\n".join(_section(s) for s in sections)

@@ -41,6 +41,12 @@ class RunArtifacts:
     """The backbone's identity as the extract stage recorded it (source, file, dtype, ...)."""
     data: str | None
     """The data source the caches were cut from."""
+    model_source: str | None = None
+    """Where the backbone was loaded from (a local folder's path is not part of its identity)."""
+
+    @property
+    def model_name(self) -> str:
+        return describe_model(self.model, self.model_source)
 
     def get(self, name: str) -> Manifest | None:
         return self.manifests.get(name)
@@ -82,20 +88,24 @@ def load_run(store: ArtifactStore, keys: Mapping[str, str | None], produced_by: 
     calibrations = {name: load_calibration_payload(store, m.key) for name, m in manifests.items()
                     if m.stage == "calibrate"}
     drift = load_drift_payload(store, manifests["recalibrate"].key) if "recalibrate" in manifests else None
-    model, data = _provenance(store, list(manifests.values()), produced_by)
-    return RunArtifacts(manifests=manifests, calibrations=calibrations, drift=drift, model=model, data=data)
+    model, data, source = _provenance(store, list(manifests.values()), produced_by)
+    return RunArtifacts(manifests=manifests, calibrations=calibrations, drift=drift, model=model, data=data,
+                        model_source=source)
 
 
 def _provenance(store: ArtifactStore, start: list[Manifest],
-                produced_by: Mapping[str, str]) -> tuple[dict | None, str | None]:
-    """(backbone identity, data source), breadth-first through the inputs' inputs."""
+                produced_by: Mapping[str, str]) -> tuple[dict | None, str | None, str | None]:
+    """(backbone identity, data source, backbone source), breadth-first through the inputs' inputs
+    until an extract manifest (which records all three) is found."""
     model: dict | None = None
     data: str | None = None
+    source: str | None = None
     queue, seen = list(start), {(m.stage, m.key) for m in start}
     for m in queue[:_MAX_WALK]:
         if m.stage == "extract":
             model = model or m.config.get("model")
             data = data or (m.extra.get("source") or {}).get("data")
+            source = source or (m.extra.get("source") or {}).get("model")
         model = model or m.extra.get("model")
         if model is not None and data is not None:
             break
@@ -104,15 +114,18 @@ def _provenance(store: ArtifactStore, start: list[Manifest],
             if stage and (stage, key) not in seen and store.exists(stage, key):
                 seen.add((stage, key))
                 queue.append(store.manifest(stage, key))
-    return model, data
+    return model, data, source
 
 
-def describe_model(model: dict | None) -> str:
-    """A backbone identity in a few words: "embedded:smollm2 (SmolLM2-…gguf, float32)"."""
-    if not model:
+def describe_model(model: dict | None, source: str | None = None) -> str:
+    """A backbone in a few words: "embedded:smollm2 (SmolLM2-…gguf, float32)", or a local
+    folder's path with its dtype."""
+    if not model and not source:
         return "unknown"
+    model = model or {}
     details = [model.get("gguf_file"), model.get("dtype")]
     if model.get("quantization") not in (None, "none"):
         details.append(model["quantization"])
     details = [d for d in details if d]
-    return f"{model.get('source', '?')}" + (f" ({', '.join(details)})" if details else "")
+    name = source or model.get("source") or f"{model.get('kind', 'unknown')} model"
+    return name + (f" ({', '.join(details)})" if details else "")

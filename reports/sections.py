@@ -12,9 +12,18 @@ from functools import partial
 
 from pipeline.calibrate import Calibration
 from reports import plots
-from reports.format import Figure, Section, Table, layer_sorted, level, pct, short, times
+from reports.format import (
+    Figure,
+    Section,
+    Table,
+    layer_sorted,
+    level,
+    pct,
+    short,
+    times,
+)
 from reports.recalibration import drift_rows
-from reports.run import RunArtifacts, describe_model
+from reports.run import RunArtifacts
 from reports.tables import (
     cache_rows,
     cascade_rows,
@@ -58,7 +67,7 @@ def _older(m) -> str:
 def _run(run: RunArtifacts) -> Section:
     artifacts = [{"input": name, "stage": m.stage, "key": short(m.key), "created": m.created,
                   "code": m.code_version} for name, m in run.manifests.items()]
-    settings = [{"setting": "backbone", "value": describe_model(run.model)},
+    settings = [{"setting": "backbone", "value": run.model_name},
                 {"setting": "data", "value": run.data or "unknown"}]
     for name in ("train_cache", "eval_cache", "calib_cache"):
         if name in run.manifests:
@@ -312,6 +321,10 @@ def _ternary(run: RunArtifacts) -> Section | None:
     if f_ev and t_ev:
         section.tables.append(Table("Cascade, float vs ternary", float_vs_ternary_cascade_rows(f_ev, t_ev),
                                     "each head set with its own calibration, on eval tokens"))
+    elif t_ev:
+        section.tables.append(Table("Ternary heads on eval tokens", head_rows(None, t_ev),
+                                    "logit lens: the baseline; gain in percentage points"))
+        section.tables.append(Table("Cascade, ternary heads", cascade_rows(t_ev, None), "eval tokens"))
     return section
 
 

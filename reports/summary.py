@@ -5,8 +5,17 @@ sections as the HTML page, tables without the plots."""
 from __future__ import annotations
 
 from pipeline.calibrate import Calibration
-from reports.format import Section, layer_sorted, level, markdown_table, pct, points, short, times
-from reports.run import RunArtifacts, describe_model
+from reports.format import (
+    Section,
+    layer_sorted,
+    level,
+    markdown_table,
+    pct,
+    points,
+    short,
+    times,
+)
+from reports.run import RunArtifacts
 from reports.tables import guarantee_checks, payload_bytes
 
 DEFAULT_LEVEL = 0.9
@@ -16,7 +25,7 @@ DEFAULT_LEVEL = 0.9
 def key_metrics(run: RunArtifacts, sections: list[Section]) -> dict:
     """The numbers a person compares between runs, per part of the run, as plain JSON (floats,
     ints, strings, lists, dicts; layer keys as strings)."""
-    out: dict = {"inputs": {n: m.key for n, m in run.manifests.items()}, "model": describe_model(run.model),
+    out: dict = {"inputs": {n: m.key for n, m in run.manifests.items()}, "model": run.model_name,
                  "data": run.data, "sections": [s.id for s in sections]}
     caches = {n.removesuffix("_cache"): m for n, m in run.manifests.items() if n.endswith("_cache")}
     if caches:
@@ -109,7 +118,7 @@ def headline_lines(head: dict) -> list[str]:
 
 def render_markdown(run: RunArtifacts, sections: list[Section], head: dict) -> str:
     """summary.md: the headline, then each section's text, notes and tables."""
-    lines = [f"# exitflow report: {describe_model(run.model)}", "",
+    lines = [f"# exitflow report: {run.model_name}", "",
              f"Data: {run.data or 'unknown'}. Inputs: " + ", ".join(f"{n} `{short(m.key)}`"
                                                                     for n, m in run.manifests.items()) + ".", ""]
     lines += [f"- {line}" for line in headline_lines(head)]

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.stages.base import PRODUCED_BY, Built, InputMismatch, Plan, Stage, StageContext
+from flows.stages.base import (
+    PRODUCED_BY,
+    Built,
+    InputMismatch,
+    Plan,
+    Stage,
+    StageContext,
+)
 from reports.report import write_report
 from reports.run import REPORT_INPUTS, UnknownReportInput, check_report_inputs, load_run
 

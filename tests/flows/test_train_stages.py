@@ -151,7 +151,7 @@ def test_every_registered_stage_plans_its_key_without_loading_a_model(trained, m
     monkeypatch.setattr("flows.stages.train_heads.load_backbone", no_model)
     cfg, store, keys = trained
     assert list(STAGES) == ["extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "quantize",
-                            "evaluate", "recalibrate"]
+                            "evaluate", "recalibrate", "report"]
     inputs = {
         "extract": {}, "teacher_topk": {"cache": keys["train"]},
         "train_heads": {"cache": keys["train"], "teacher_topk": keys["teacher_topk"], "eval_cache": keys["eval"]},
@@ -163,6 +163,7 @@ def test_every_registered_stage_plans_its_key_without_loading_a_model(trained, m
         "evaluate": {"eval_cache": keys["eval"], "heads": keys["heads"], "gates": keys["gates"],
                      "calibration": keys["calibration"], "teacher_topk": keys["teacher_topk"]},
         "recalibrate": {"calibration": keys["calibration"]},
+        "report": {"heads": keys["heads"], "calibration": keys["calibration"], "eval_cache": keys["eval"]},
     }
     existing = {"extract": keys["train"], "teacher_topk": keys["teacher_topk"], "train_heads": keys["heads"],
                 "train_gates": keys["gates"], "calibrate": keys["calibration"]}
