@@ -23,6 +23,7 @@ examples:
   exitflow run evaluate --set evaluate.decode=false      # head quality, guarantees, cascade savings only
   exitflow run all                                       # extract, top-k, heads, gates, calibrate, evaluate
   exitflow run recalibrate --data-source ./data/incoming  # recalibrate on new data, drift table
+  exitflow report                                        # path of the latest run's HTML report
   exitflow ls
   exitflow show 3fa2c1
 artifact root: ./.exitflow, or $EXITFLOW_HOME, or --root
@@ -101,6 +102,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, title in (("evaluation", "float heads"), ("ternary_evaluation", "ternary heads")):
         if name in keys:
             print(f"\n{title}:\n" + evaluation_summary(store.manifest("evaluate", keys[name]).metrics))
+    if "report" in keys:
+        from reports.index import report_html_path
+
+        print(f"\nreport: {report_html_path(store, keys['report']).resolve()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.index import latest_report, report_html_path, write_index
+    from stores.artifacts import ArtifactNotFound, ArtifactStore
+
+    store = ArtifactStore(args.root)
+    key = store.resolve(args.key, "report").key if args.key else latest_report(store)
+    if key is None:
+        raise ArtifactNotFound(f"no report under {store.root} yet; every `exitflow run` ends with one")
+    print(report_html_path(store, key).resolve())
+    if args.index:
+        print(write_index(store).resolve())
     return 0
 
 
@@ -188,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list artifacts: stage, key, size, created, inputs")
     ls.add_argument("--stage", default=None, help="only this stage")
     ls.set_defaults(func=cmd_ls)
+
+    report = sub.add_parser("report", help="print the path of the latest run's HTML report (or a given one)",
+                            description="Print the path of an HTML report: the newest under the root, or the "
+                            "report artifact KEY. Reports open offline in any browser.")
+    report.add_argument("key", nargs="?", default=None, help="report artifact key or a unique prefix of it")
+    report.add_argument("--index", action="store_true", help="also print the path of the index of every report")
+    report.set_defaults(func=cmd_report)
 
     show = sub.add_parser("show", help="print an artifact's manifest")
     show.add_argument("key", help="artifact key or a unique prefix of it")

@@ -21,10 +21,11 @@ from flows.stages.calibrate import CalibrateStage
 from flows.stages.evaluate import EvaluateStage
 from flows.stages.extract import ExtractStage, resolve_cache
 from flows.stages.quantize import QuantizeStage
+from flows.stages.report import ReportStage
 from flows.stages.teacher_topk import TeacherTopkStage
 from flows.stages.train_gates import TrainGatesStage
 from flows.stages.train_heads import TrainHeadsStage
-from flows.tasks import submit
+from flows.tasks import publish_report, submit
 from pipeline.config import (
     CalibrateConfig,
     Config,
@@ -39,6 +40,7 @@ from pipeline.config import (
     QuantizeConfig,
     load_config,
 )
+from reports.run import REPORT_INPUTS
 from stores.artifacts import ArtifactStore
 
 
@@ -116,6 +118,18 @@ class Dag:
         return self._note("ternary_evaluation" if quantized else "evaluation", submit(EvaluateStage(), self.ctx, {
             "eval_cache": ev, **head_set, "calibration": calibration, "teacher_topk": topk}))
 
+    def report(self) -> str:
+        """The report of every artifact this run produced or used, published to the run page."""
+        inputs = {name: key for name, key in self.keys.items() if name in REPORT_INPUTS and key}
+        key = self._note("report", submit(ReportStage(), self.ctx, inputs))
+        publish_report(self.store, key)
+        return key
+
+    def finish(self) -> dict[str, str]:
+        """End a flow: its report, then every key by name (what the flow returns)."""
+        self.report()
+        return self.keys
+
 
 Split = Literal["train", "calib", "eval"]
 
@@ -158,7 +172,7 @@ def extract_flow(model: ModelConfig = ModelConfig(), data: DataConfig = DataConf
     """Extract one split's hidden states into a content-addressed zarr cache."""
     dag = Dag.load(config_path, overrides, root, model=model, data=data, extract=extract)
     dag.extract(split or dag.cfg.extract.split)
-    return dag.keys
+    return dag.finish()
 
 
 @flow(name="teacher_topk", log_prints=True)
@@ -171,7 +185,7 @@ def teacher_topk_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig 
     which the efficient head-training loss reads."""
     dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads)
     dag.teacher_topk(dag.extract("train"))
-    return dag.keys
+    return dag.finish()
 
 
 @flow(name="train_heads", log_prints=True)
@@ -186,7 +200,7 @@ def train_heads_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig =
     dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads)
     train = dag.extract("train") if dag.cfg.heads.mode == "offline" else None  # online: no train cache
     dag.heads(train, dag.eval_cache())
-    return dag.keys
+    return dag.finish()
 
 
 @flow(name="train_gates", log_prints=True)
@@ -201,7 +215,7 @@ def train_gates_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig =
                    gates=gates)
     train, ev = dag.extract("train"), dag.eval_cache()
     dag.gates(train, dag.heads(train, ev), ev)
-    return dag.keys
+    return dag.finish()
 
 
 @flow(name="calibrate", log_prints=True)
@@ -216,7 +230,7 @@ def calibrate_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = M
     dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads,
                    gates=gates, calibrate=calibrate)
     _calibrate(dag)
-    return dag.keys
+    return dag.finish()
 
 
 def _calibrate(dag: Dag) -> tuple[str, str, str | None, str, str | None, str]:
@@ -242,7 +256,7 @@ def quantize_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = Mo
     heads_key = dag.heads(train, ev)
     q = dag.quantize(train, heads_key, dag.gates(train, heads_key, ev), ev)
     dag.calibrate_quantized(calib, q, ev)
-    return dag.keys
+    return dag.finish()
 
 
 def _evaluate(dag: Dag, quantized: bool) -> None:
@@ -272,7 +286,7 @@ def evaluate_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = Mo
     dag = Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract, heads=heads,
                    gates=gates, calibrate=calibrate, evaluate=evaluate, quantize=quantize)
     _evaluate(dag, quantized)
-    return dag.keys
+    return dag.finish()
 
 
 @flow(name="pipeline", log_prints=True)
@@ -292,8 +306,8 @@ def pipeline_flow(inputs: InputsConfig = InputsConfig(), model: ModelConfig = Mo
         _evaluate(dag, quantized=True)
     else:
         _calibrate(dag)
-    keys, store = dag.keys, dag.store
-    store.set_pointer("latest", CalibrateStage.name, keys["calibration"], **{k: v for k, v in keys.items() if v})
+    keys, store = dag.finish(), dag.store
+    store.set_pointer("latest", CalibrateStage.name, keys["calibration"], **keys)
     if store.get_pointer("current") is None:  # the first calibration is what a deployment starts from
         store.set_pointer("current", CalibrateStage.name, keys["calibration"], reason="first calibration")
         get_run_logger().info("calibration %s is now the current one", keys["calibration"][:12])

@@ -29,7 +29,7 @@ from transformers import (
 
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
 from pipeline.data import looks_like_path
-from pipeline.fingerprint import sha256_file
+from pipeline.fingerprint import sha256_file, stat_stamp
 from pipeline.norm import FINAL_NORM_NAMES, FinalNormSpec, NormError, describe_norm
 from pipeline.teacher import TeacherWeights
 
@@ -432,6 +432,21 @@ def model_identity(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256
     """The backbone's identity for content keys (weight hashes or hub commit, quantization,
     dtype), without loading the weights: a cache-hit check must take seconds."""
     return _resolve(cfg, file_hasher).identity
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def tokenizer_stamp(cfg: ModelConfig) -> str:
+    """A cheap stamp of what the tokenizer loads beyond the model identity: nothing for GGUF
+    (the tokenizer is inside the hashed weights file) or a hub model (the identity's commit
+    pins every file); the non-weight files' names, sizes and times for a local folder."""
+    path = Path(cfg.source).expanduser()
+    if cfg.source.startswith("embedded:") or path.is_file() or cfg.gguf_file:
+        return "inside-gguf"
+    if path.is_dir():
+        return stat_stamp(path, skip_suffixes=_WEIGHT_SUFFIXES)
+    return "hub-commit"
 
 
 def load_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, str]:

@@ -11,12 +11,14 @@ import hashlib
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import EMBEDDED_CORPUS, DataConfig
+from pipeline.fingerprint import stat_stamp
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ _TABULAR = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 _SUPPORTED = (".txt", *_TABULAR)
 _SPLIT_ORDER = ("train", "calib", "eval")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_PACK_VERSION = "pack-v1"  # bump when packing changes, so old cached splits are not reused
+PACK_VERSION = "pack-v1"  # bump when packing changes, so old cached splits are not reused
 _TOKENIZE_BATCH = 64  # documents per tokenizer call: fast tokenizers parallelise within a call
 _PROGRESS_MIN_DOCS = 512  # below this, tokenizing takes about a second; no progress bar
 
@@ -201,6 +203,17 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(documents=documents, source=source, fingerprint=_fingerprint_documents(documents))
 
 
+def corpus_stamp(cfg: DataConfig) -> str | None:
+    """A cheap stamp of the corpus files (names, sizes, times), or None for a hub dataset, which
+    has none: memos of what was derived from the corpus are keyed on it."""
+    if cfg.source.startswith("embedded:"):
+        from pydoc_data import topics
+
+        return f"{cfg.source}:{sys.version}:{stat_stamp(Path(topics.__file__))}"
+    path = Path(cfg.source).expanduser()
+    return stat_stamp(path) if path.exists() else None
+
+
 def _unit_hash(seed: int, text: str) -> float:
     """A document's position in [0, 1), from its content and the seed alone."""
     digest = hashlib.sha256(f"{seed}\0".encode() + text.encode("utf-8")).digest()
@@ -235,11 +248,11 @@ def assign_splits(corpus: Corpus, fractions: dict[str, float], seed: int) -> dic
 
 
 def _tokenize(tokenizer, documents: list[str], split: str) -> list[list[int]]:
-    from tqdm.auto import tqdm
+    from pipeline.progress import ProgressBar
 
     ids: list[list[int]] = []
     batches = range(0, len(documents), _TOKENIZE_BATCH)
-    for start in tqdm(batches, desc=f"tokenizing {split}", unit="batch",
+    for start in ProgressBar(batches, desc=f"tokenizing {split}", unit="batch",
                       disable=len(documents) < _PROGRESS_MIN_DOCS):
         # verbose=False: documents are longer than the model's context on purpose; we cut them later.
         enc = tokenizer(documents[start:start + _TOKENIZE_BATCH], add_special_tokens=False, verbose=False)
@@ -288,7 +301,7 @@ def pack_split(corpus: Corpus, tokenizer, split: str, cfg: DataConfig, tokenizer
     shape = (n_seq, seq_len)
 
     h = hashlib.sha256()
-    for part in (_PACK_VERSION, corpus.fingerprint, split, ",".join(map(str, doc_indices)), str(seq_len),
+    for part in (PACK_VERSION, corpus.fingerprint, split, ",".join(map(str, doc_indices)), str(seq_len),
                  tokenizer_fingerprint):
         h.update(part.encode())
         h.update(b"\0")

@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from pipeline.progress import ProgressBar
 
 from pipeline.backbone import Backbone
 from pipeline.data import PackedSplit
@@ -122,7 +122,7 @@ def extract_hidden_states(
     if start:
         log.info("resuming extraction at sequence %d of %d (%d tokens already cached)", start, n_seq, done_rows)
 
-    bar = tqdm(
+    bar = ProgressBar(
         total=n_seq * seq_len, initial=start * seq_len, unit="tok", unit_scale=True,
         desc=f"extract {split.name}", disable=not progress, dynamic_ncols=True,
     )

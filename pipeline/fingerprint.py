@@ -17,3 +17,17 @@ def sha256_file(path: Path) -> str:
         while block := f.read(HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
+
+
+def stat_stamp(path: Path, skip_suffixes: tuple[str, ...] = ()) -> str:
+    """A cheap stamp of a file or folder: sha256 over every file's relative name, size and
+    modification time. Equal stamps mean (barring deliberate mtime forgery) unchanged files; it
+    keys memos of work derived from the files, never an artifact's content key. Files with one
+    of `skip_suffixes` are left out (weights already identified by their hash)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in skip_suffixes) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

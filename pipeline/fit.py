@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from pipeline.progress import ProgressBar
 
 from pipeline.config import GatesConfig, HeadsConfig
 from pipeline.sources import BatchSource
@@ -253,7 +253,7 @@ def fit_epochs(task: FitTask, cfg: HeadsConfig | GatesConfig, source: BatchSourc
     logger.info("%s: %d steps (%d epochs x %d batches of %d rows), lr %g, warm-up %d", task.stage, total,
                 cfg.epochs, per_epoch, cfg.batch_tokens, cfg.lr, cfg.warmup_steps)
 
-    bar = tqdm(total=total * cfg.batch_tokens, initial=step * cfg.batch_tokens, unit="tok", unit_scale=True,
+    bar = ProgressBar(total=total * cfg.batch_tokens, initial=step * cfg.batch_tokens, unit="tok", unit_scale=True,
                desc=f"train {task.stage}", disable=not progress, dynamic_ncols=True)
     try:
         for epoch in range(epochs_done, cfg.epochs):

@@ -17,7 +17,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from pipeline.progress import ProgressBar
 
 from pipeline.config import HeadsConfig
 from pipeline.fit import module_device
@@ -208,7 +208,7 @@ def _label_pass(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchSour
     seen = 0
     was_training = heads.training
     heads.eval()
-    bar = tqdm(total=limit, unit="tok", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = ProgressBar(total=limit, unit="tok", unit_scale=True, desc=desc, disable=not progress, dynamic_ncols=True)
     batches = source.iter_batches(names, batch_rows, shuffle=False)
     try:
         for batch in batches:

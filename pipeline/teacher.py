@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from pipeline.progress import ProgressBar
 
 from pipeline.norm import FinalNorm, FinalNormSpec, NormKind, check_norm_fields
 
@@ -313,7 +313,7 @@ def compute_teacher_topk(teacher: TeacherWeights, source, k: int, out_ids: np.nd
     teacher = teacher.to(device) if teacher.lm_head.device != device else teacher
     seen = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=n, unit="tok", unit_scale=True, desc="teacher top-k", disable=not progress, dynamic_ncols=True)
+    bar = ProgressBar(total=n, unit="tok", unit_scale=True, desc="teacher top-k", disable=not progress, dynamic_ncols=True)
     batches = source.iter_batches(["final", "row"], batch_rows, shuffle=False)
     try:
         for batch in batches:

@@ -184,6 +184,24 @@ class ArtifactStore:
         p = self.root / "pointers" / f"{name}.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
+    # -- memos of derived facts ---------------------------------------------------------------
+    def memo_get(self, name: str, key: str) -> dict | None:
+        """A fact remembered under ``memo/<name>.json`` (e.g. the data fingerprint a plan would
+        otherwise tokenize the corpus for); None when absent or unreadable."""
+        try:
+            return json.loads((self.root / "memo" / f"{name}.json").read_text()).get(key)
+        except (OSError, ValueError):
+            return None
+
+    def memo_put(self, name: str, key: str, value: dict) -> None:
+        path = self.root / "memo" / f"{name}.json"
+        try:
+            memo = json.loads(path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        memo[key] = value
+        write_json_atomic(path, memo)
+
     # -- hashing of inputs -------------------------------------------------------------------
     def file_hasher(self):
         """A sha256 file hasher memoised on (path, size, mtime) in ``hashes.json``.

@@ -9,16 +9,17 @@ rides along to the build, so a miss does not tokenize twice.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext
-from pipeline.backbone import load_backbone, load_tokenizer, model_identity
-from pipeline.config import Config, canonical
-from pipeline.data import load_corpus, pack_split
+from pipeline.backbone import load_backbone, load_tokenizer, model_identity, tokenizer_stamp
+from pipeline.config import Config, ModelConfig, canonical
+from pipeline.data import PACK_VERSION, PackedSplit, corpus_stamp, load_corpus, pack_split
 from pipeline.extract import EXTRACT_CODE_VERSION, chunk_rows_for, extract_hidden_states
 from pipeline.teacher import TeacherWeights
-from stores.artifacts import ArtifactNotFound, ArtifactStore
+from stores.artifacts import ArtifactNotFound, ArtifactStore, content_key
 from stores.cache import CacheReader, CacheSchema, CacheWriter
 from stores.files import load_tensors_with_metadata, save_tensors
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 CACHE_DIR = "cache.zarr"
 TEACHER_FILE = "teacher.safetensors"
 SPLITS = ("train", "calib", "eval")
+PACK_MEMO = "packed-splits"
 
 
 class ExtractStage(Stage):
@@ -43,23 +45,43 @@ class ExtractStage(Stage):
         return {"split": self.split}
 
     def plan(self, ctx: StageContext, inputs: dict[str, str]) -> Plan:
+        """Keyed on the packed split's fingerprint. Packing needs the tokenizer (seconds to load
+        from a GGUF file), so the fingerprint is remembered per model, corpus files, data
+        settings and split: an unchanged re-run plans without tokenizing (hub datasets, which
+        have no cheap stamp, are always packed)."""
         cfg = ctx.cfg
         identity = model_identity(cfg.model, ctx.store.file_hasher())
-        tokenizer, tok_fp = load_tokenizer(cfg.model)
-        packed = pack_split(load_corpus(cfg.data), tokenizer, self.split, cfg.data, tokenizer_fingerprint=tok_fp)
+        memo_key = _pack_memo_key(cfg, identity, self.split)
+        packed = None
+        facts = ctx.store.memo_get(PACK_MEMO, memo_key) if memo_key else None
+        if facts is None:
+            packed, tok_fp = self.pack(cfg)
+            facts = {"tokenizer": tok_fp, "data": packed.fingerprint, "num_documents": packed.num_documents}
+            if memo_key:
+                ctx.store.memo_put(PACK_MEMO, memo_key, facts)
         ex = canonical(cfg.extract)
         config = {
-            "model": identity, "tokenizer": tok_fp, "data": packed.fingerprint, "split": self.split,
+            "model": identity, "tokenizer": facts["tokenizer"], "data": facts["data"], "split": self.split,
             "seq_len": cfg.data.seq_len, "layers": ex["layers"], "storage_dtype": ex["storage_dtype"],
             "chunk_tokens": ex["chunk_tokens"], "max_tokens": ex["max_tokens"],
         }
         extra = {"source": {"model": cfg.model.source, "data": cfg.data.source}, "split": self.split,
-                 "num_documents": packed.num_documents}
+                 "num_documents": facts["num_documents"]}
         return self.make_plan(config, {}, extra, scratch=packed)
+
+    def pack(self, cfg: Config) -> tuple[PackedSplit, str]:
+        """This split of the corpus, tokenized and packed, and the tokenizer's fingerprint."""
+        tokenizer, tok_fp = _tokenizer(cfg.model)
+        return pack_split(load_corpus(cfg.data), tokenizer, self.split, cfg.data, tokenizer_fingerprint=tok_fp), tok_fp
 
     def build(self, ctx: StageContext, plan: Plan, staging: Path) -> Built:
         cfg = ctx.cfg
         packed = plan.scratch
+        if packed is None:  # planned from the memo
+            packed, tok_fp = self.pack(cfg)
+            if (tok_fp, packed.fingerprint) != (plan.config["tokenizer"], plan.config["data"]):
+                raise InputMismatch(f"the {self.split} split packs differently from when it was planned (corpus or "
+                                    "tokenizer files changed meanwhile); run again")
         backbone = load_backbone(cfg.model, ctx.store.file_hasher())
         backbone.check_layers(cfg.extract.layers)
         backbone.check_seq_len(cfg.data.seq_len)
@@ -88,6 +110,21 @@ class ExtractStage(Stage):
                      "vocab_size": backbone.vocab_size},
             extra={"device": str(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch.")},
         )
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model: ModelConfig):
+    """One tokenizer load per process and model: the three splits pack with the same one."""
+    return load_tokenizer(model)
+
+
+def _pack_memo_key(cfg: Config, identity: dict, split: str) -> str | None:
+    data_stamp, tok_stamp = corpus_stamp(cfg.data), tokenizer_stamp(cfg.model)
+    if data_stamp is None or tok_stamp is None:
+        return None
+    return content_key("packed-split", PACK_VERSION, {"model": identity, "tokenizer_files": tok_stamp,
+                                                           "corpus": data_stamp, "data": canonical(cfg.data),
+                                                           "split": split}, {})
 
 
 # -- reading a published cache ------------------------------------------------------------------

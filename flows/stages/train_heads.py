@@ -67,7 +67,8 @@ class TrainHeadsStage(Stage):
             backbone.check_seq_len(cfg.data.seq_len)
             teacher = backbone.teacher_weights()
             max_seq = cfg.extract.max_tokens // cfg.data.seq_len if cfg.extract.max_tokens else None
-            source = OnlineSource(backbone, plan.scratch, layers, sequences_per_forward=cfg.extract.batch_size,
+            packed = plan.scratch if plan.scratch is not None else ExtractStage("train").pack(cfg)[0]
+            source = OnlineSource(backbone, packed, layers, sequences_per_forward=cfg.extract.batch_size,
                                   max_sequences=max_seq)
             num_layers, hidden_size = backbone.num_layers, backbone.hidden_size
             result = train_heads(cfg.heads, layers, num_layers, teacher, source, checkpoints=checkpoints,

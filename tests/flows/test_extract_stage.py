@@ -244,3 +244,35 @@ def test_bad_config_and_root(tmp_path):
     f.write_text("")
     with pytest.raises(StoreError, match="not writable"):
         ArtifactStore(f / "root")
+
+
+def test_a_second_plan_remembers_the_packed_split_and_builds_from_it(tmp_path, tiny_model_dir, corpus_dir,
+                                                                      monkeypatch):
+    """An unchanged re-run plans without loading the tokenizer (seconds for a GGUF model); a
+    tokenizer or corpus file that changes re-packs; a build planned from the memo packs then."""
+    import shutil
+
+    import flows.stages.extract as extract
+
+    model, corpus = tmp_path / "model", tmp_path / "corpus"
+    shutil.copytree(tiny_model_dir, model)
+    shutil.copytree(corpus_dir, corpus)
+    store = ArtifactStore(tmp_path / "root")
+    cfg = _cfg(model, corpus)
+    first = plan_extract(cfg, store)
+    loads = []
+    real = extract.load_tokenizer
+    monkeypatch.setattr(extract, "load_tokenizer", lambda m: loads.append(m) or real(m))
+    extract._tokenizer.cache_clear()
+    again = plan_extract(cfg, store)
+    assert again.key == first.key and again.scratch is None and loads == []
+    assert again.extra["num_documents"] == first.extra["num_documents"]
+    key = run_stage(ExtractStage("train"), StageContext(cfg, store, progress=False), {}, plan=again)
+    assert key == first.key and len(loads) == 1
+    assert CacheReader(extract.cache_path(store, key)).num_tokens == 4096
+    tok = model / "tokenizer_config.json"
+    tok.write_text(tok.read_text() + "\n")
+    extract._tokenizer.cache_clear()
+    assert plan_extract(cfg, store).key == first.key and len(loads) == 2  # re-packed, same tokens
+    (corpus / "doc000.txt").write_text((corpus / "doc000.txt").read_text() + " changed")
+    assert plan_extract(cfg, store).key != first.key and len(loads) == 2  # same tokenizer, in-process

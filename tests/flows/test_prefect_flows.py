@@ -41,17 +41,20 @@ def test_extract_flow_caches_on_content_key_and_refreshes(prefect_env, tmp_path,
     root = str(tmp_path / "root")
     ov = _overrides(tiny_model_dir, corpus_dir)
     first = extract_flow(overrides=ov, root=root, return_state=True)
-    key = first.result()["train_cache"]
+    keys = first.result()
+    key = keys["train_cache"]
+    assert set(keys) == {"train_cache", "report"}  # every flow ends with its report
     second = extract_flow(overrides=ov, root=root, return_state=True)
-    assert second.result() == {"train_cache": key}
+    assert second.result() == keys
     states = _task_states(second.state_details.flow_run_id)
-    assert list(states.values()) == ["Cached"], states
+    assert sorted(states.values()) == ["Cached", "Cached"], states
     # the artifact is gone: the cached Prefect result must not hide that
     store = ArtifactStore(root)
     shutil.rmtree(store.path("extract", key))
     third = extract_flow(overrides=ov, root=root, return_state=True)
-    assert third.result() == {"train_cache": key} and store.exists("extract", key)
-    assert list(_task_states(third.state_details.flow_run_id).values()) == ["Completed"]
+    assert third.result() == keys and store.exists("extract", key)
+    states = _task_states(third.state_details.flow_run_id)
+    assert states[f"extract-train-{key[:12]}"] == "Completed" and states[f"report-{keys['report'][:12]}"] == "Cached"
     # a changed input is a new key and a new run
     other = extract_flow(overrides=ov + ["extract.layers=[1,3]"], root=root)
     assert other["train_cache"] != key
@@ -64,7 +67,8 @@ def test_teacher_topk_is_a_task_of_its_own(prefect_env, tmp_path, tiny_model_dir
     state = teacher_topk_flow(overrides=_overrides(tiny_model_dir, corpus_dir), root=root, return_state=True)
     keys = state.result()
     names = sorted(_task_states(state.state_details.flow_run_id))
-    assert names == sorted([f"extract-train-{keys['train_cache'][:12]}", f"teacher_topk-{keys['teacher_topk'][:12]}"])
+    assert names == sorted([f"extract-train-{keys['train_cache'][:12]}", f"teacher_topk-{keys['teacher_topk'][:12]}",
+                            f"report-{keys['report'][:12]}"])
 
 
 def test_cli_run_ls_show(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
