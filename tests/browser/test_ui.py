@@ -1,7 +1,7 @@
 """The Prefect UI as a person drives it: `serve` on a temporary root, a stage deployment's Custom
 run form filled field by field (the tiny test model and corpus), Submit, the run completes on
 the worker, its Artifacts tab links the HTML report, and the report opens with every plot
-loaded and the run's numbers in it.
+loaded and the run's numbers in it; the index of reports links it.
 
 Debian's Chromium driven by Playwright (Playwright's own browser download needs the network).
 Skipped only where /usr/bin/chromium is absent and cannot be installed (`make browser`).
@@ -224,3 +224,7 @@ def _drive_a_stage_run(served, tiny_inputs, browser):
     (heads,) = store.iter_manifests("train_heads")
     for key in (train_cache.key, heads.key):  # this run's artifacts, not another's
         assert key[:12] in text, f"{key[:12]} is not in the report"
+
+    # the index of reports, served beside them, links this one
+    page.goto(state.reports_index_url, wait_until="load")
+    assert url in page.eval_on_selector_all("a[href$='report.html']", "links => links.map(a => a.href)")
