@@ -24,6 +24,8 @@ examples:
   exitflow run all                                       # extract, top-k, heads, gates, calibrate, evaluate
   exitflow run recalibrate --data-source ./data/incoming  # recalibrate on new data, drift table
   exitflow report                                        # path of the latest run's HTML report
+  exitflow serve                                         # the Prefect UI, every deployment and a worker
+  exitflow stop                                          # end what serve started
   exitflow ls
   exitflow show 3fa2c1
 artifact root: ./.exitflow, or $EXITFLOW_HOME, or --root
@@ -52,6 +54,21 @@ def _human_size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _use_running_server(root: str | None) -> None:
+    """Run against the server `exitflow serve` started for this root, when it answers, instead
+    of a temporary one (seconds to start, and its runs vanish with it). An explicit
+    PREFECT_API_URL wins."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from flows.serve import read_state, running_api_url
+
+    url = running_api_url(root)
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+        os.environ.setdefault("EXITFLOW_REPORT_URL", read_state(root).reports_url)
+        print(f"using the Prefect server at {url} (exitflow serve); runs show in its UI", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: telemetry only logs errors
@@ -64,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     root = str(args.root) if args.root else None
     load_config(args.config, args.set)  # config problems are reported before any server starts
+    _use_running_server(root)
     ArtifactStore(root)
     kwargs = {"config_path": args.config, "overrides": args.set, "root": root}
     if args.stage == "extract":
@@ -172,6 +190,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import ServeError, start, status, stop
+
+    try:
+        if args.command == "serve":
+            start(args.root, host=args.host, port=args.port, report_port=args.report_port, timeout=args.timeout)
+        elif args.command == "stop":
+            stop(args.root)
+        else:
+            status(args.root)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="exitflow",
@@ -214,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("key", nargs="?", default=None, help="report artifact key or a unique prefix of it")
     report.add_argument("--index", action="store_true", help="also print the path of the index of every report")
     report.set_defaults(func=cmd_report)
+
+    serve = sub.add_parser("serve", help="start the Prefect UI with every deployment, a worker and the report server",
+                           description="Start, in the background, a Prefect server whose database lives under the "
+                           "artifact root, deploy every flow, start a worker and a server for the HTML reports; "
+                           "print the UI address. `exitflow stop` ends exactly what this started.")
+    serve.add_argument("--host", default="127.0.0.1", help="address the UI and the reports listen on")
+    serve.add_argument("--port", type=int, default=4200, help="Prefect UI and API port")
+    serve.add_argument("--report-port", type=int, default=4201, help="port of the HTML report server")
+    serve.add_argument("--timeout", type=float, default=180.0, help="seconds allowed to each start-up step")
+    serve.set_defaults(func=cmd_serve)
+    stop = sub.add_parser("stop", help="stop what `exitflow serve` started for this root")
+    stop.set_defaults(func=cmd_serve)
+    status = sub.add_parser("status", help="say what `exitflow serve` runs for this root")
+    status.set_defaults(func=cmd_serve)
 
     show = sub.add_parser("show", help="print an artifact's manifest")
     show.add_argument("key", help="artifact key or a unique prefix of it")

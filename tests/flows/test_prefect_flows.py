@@ -34,6 +34,19 @@ def _task_states(flow_run_id) -> dict[str, str]:
     return anyio.run(fetch)
 
 
+def _artifacts(flow_run_id) -> list:
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def fetch():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return anyio.run(fetch)
+
+
 def test_extract_flow_caches_on_content_key_and_refreshes(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
     from flows.dag import extract_flow
     from stores.artifacts import ArtifactStore
@@ -69,6 +82,21 @@ def test_teacher_topk_is_a_task_of_its_own(prefect_env, tmp_path, tiny_model_dir
     names = sorted(_task_states(state.state_details.flow_run_id))
     assert names == sorted([f"extract-train-{keys['train_cache'][:12]}", f"teacher_topk-{keys['teacher_topk'][:12]}",
                             f"report-{keys['report'][:12]}"])
+    # what the run page shows: each stage's summary and table, progress, the report's link and summary
+    arts = _artifacts(state.state_details.flow_run_id)
+    by_key = {a.key: a for a in arts if a.key}
+    assert {"extract-summary", "extract-table", "teacher-topk-summary", "teacher-topk-table", "report",
+            "report-summary"} <= set(by_key)
+    from reports.index import report_html_path
+    from stores.artifacts import ArtifactStore
+
+    report = report_html_path(ArtifactStore(root), keys["report"])
+    assert report.is_file() and report.resolve().as_uri() in by_key["report"].data
+    tokens = ArtifactStore(root).manifest("extract", keys["train_cache"]).metrics["tokens"]
+    assert f"{tokens:,}" in by_key["extract-summary"].data or str(tokens) in by_key["extract-summary"].data
+    progress = [a for a in arts if a.type == "progress"]
+    assert progress and all(float(a.data) == 100.0 for a in progress), [(a.description, a.data) for a in progress]
+    assert any("extract" in (a.description or "") for a in progress)
 
 
 def test_cli_run_ls_show(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
