@@ -305,7 +305,8 @@ def _print_addresses(state: Served) -> None:
           + ("" if index.is_file() else "   (written by the first run that builds a report)"))
     print(f"artifact root:  {state.root}")
     print(f"logs:           {state.logs}")
-    print("stop it all:    make stop")
+    default = Path(state.root) == _root(None)
+    print("stop it all:    make stop" + ("" if default else f" ROOT={state.root}"))
 
 
 # -- stop --------------------------------------------------------------------------------------
@@ -345,7 +346,14 @@ def _ours(p: ServedProcess) -> list[psutil.Process]:
             found.update({c.pid: c for c in proc.children(recursive=True)})
         except psutil.Error:
             pass
-    return [proc for pid, proc in found.items() if pid != os.getpid()]
+    return [proc for pid, proc in found.items() if pid != os.getpid() and _running(proc)]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stop(root: str | Path | None = None, timeout: float = 20.0, quiet: bool = False) -> list[str]:
