@@ -138,7 +138,8 @@ def teacher_path(store: ArtifactStore, key: str) -> Path:
 
 def open_cache(store: ArtifactStore, key: str) -> CacheReader:
     if not store.exists(ExtractStage.name, key):
-        raise ArtifactNotFound(f"no extract cache with key {key} under {store.root}; run `exitflow run extract` first")
+        raise ArtifactNotFound(f"no extract cache with key {key} under {store.root}; run the extract stage first "
+                               "(its deployment, or `exitflow run extract`)")
     return CacheReader(cache_path(store, key))
 
 
@@ -165,7 +166,8 @@ def resolve_cache(cfg: Config, store: ArtifactStore, split: str) -> str:
     plan = ExtractStage(split).plan(StageContext(cfg, store, progress=False), {})
     if not store.exists(ExtractStage.name, plan.key):
         raise ArtifactNotFound(f"no {split} cache for this config (key {plan.key[:12]}); "
-                               f"run `exitflow run extract --split {split}` first")
+                               f"extract that split first (the extract deployment with split={split}, or "
+                               f"`exitflow run extract --split {split}`)")
     return plan.key
 
 

@@ -80,7 +80,7 @@ def test_teacher_topk_stage_values_and_content_key(tmp_path, tiny_model_dir, cor
 
 def test_teacher_topk_stage_needs_the_cache(tmp_path, tiny_model_dir, corpus_dir):
     store = ArtifactStore(tmp_path)
-    with pytest.raises(ArtifactNotFound, match="run `exitflow run extract`"):
+    with pytest.raises(ArtifactNotFound, match="run the extract stage first.*`exitflow run extract`"):
         run_teacher_topk(_cfg(tiny_model_dir, corpus_dir), store, "0" * 64)
-    with pytest.raises(ArtifactNotFound, match="run `exitflow run teacher_topk`"):
+    with pytest.raises(ArtifactNotFound, match="run the teacher_topk stage first.*`exitflow run teacher_topk`"):
         open_topk(store, "0" * 64)
