@@ -68,7 +68,7 @@ def pct(x: object, digits: int = 1) -> str:
 
 def points(x: object, digits: int = 1) -> str:
     """A change of a share in percentage points, signed: 0.012 -> "+1.2 pt"."""
-    return f"{100 * x:+.{digits}f} pt" if is_number(x) else MISSING
+    return f"{100 * x:+.{digits}f} pt".replace("-", "−") if is_number(x) else MISSING
 
 
 def num(x: object, digits: int = 3) -> str:

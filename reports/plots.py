@@ -95,7 +95,7 @@ def training_curves(loss: dict[str, tuple[Sequence[float], Sequence[float]]], lo
 
 def roc_curves(curves: dict[int, dict[str, tuple[Sequence[float], Sequence[float], float | None]]]) -> bytes:
     """One panel per head: ROC curves (fpr, tpr, AUROC) of each predictor of "the head agrees"."""
-    fig, axes = _panels(len(curves))
+    fig, axes = _panels(len(curves), size=(3.2, 3.3))
     colors = {"-entropy": HEADS_COLOR, "gate p_exit": GATE_COLOR}
     for ax, (layer, by_predictor) in zip(axes, curves.items()):
         ax.plot([0, 1], [0, 1], color=LENS_COLOR, linestyle=":", linewidth=1)

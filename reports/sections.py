@@ -297,7 +297,7 @@ def _recalibration(run: RunArtifacts) -> Section | None:
     d = run.drift
     section = Section("recalibration", SECTION_TITLES["recalibration"])
     section.text.append(f"New calibration {short(d.calibration)} against {short(d.previous) if d.previous else 'none'}"
-                        f": {'promoted' if d.promote else 'kept the previous'}. {d.reason}")
+                        f": {'promoted' if d.promote else 'kept the previous'} (reason: {d.reason}).")
     section.tables.append(Table("Drift", drift_rows(d), "threshold shift = new - old; exit rate and accuracy on "
                                 "calibration tokens; held-out: the new threshold on eval tokens"))
     if d.failures:
