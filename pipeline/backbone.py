@@ -15,23 +15,19 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
 from pipeline.data import looks_like_path
 from pipeline.fingerprint import sha256_file, stat_stamp
 from pipeline.norm import FINAL_NORM_NAMES, FinalNormSpec, NormError, describe_norm
 from pipeline.teacher import TeacherWeights
+
+if TYPE_CHECKING:  # transformers takes seconds to import; a cache-hit plan never needs it
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -296,11 +292,13 @@ def _max_context(config) -> int:
 
 
 def _quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if cfg.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 class _DropInt8CastWarning(logging.Filter):
@@ -457,6 +455,8 @@ def load_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, str]:
 
 def _load_tokenizer(source: str, r: _Resolved) -> PreTrainedTokenizerBase:
     try:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(r.location, **r.load_kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise BackboneError(
@@ -480,6 +480,8 @@ def load_backbone(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_
     log.info("loading backbone %s (%s) on %s as %s%s", source, kind, device, identity["dtype"],
              f", {cfg.quantization}" if quant else "")
     tokenizer = _load_tokenizer(source, r)
+    from transformers import AutoModelForCausalLM
+
     try:
         if quant is not None:
             model = AutoModelForCausalLM.from_pretrained(

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
+
+if TYPE_CHECKING:  # sklearn takes seconds to import; only fitting a curve needs it
+    from sklearn.isotonic import IsotonicRegression
 
 from pipeline.thresholds import (
     CalibrationError,
@@ -92,6 +94,8 @@ def accuracy_curve(scores, correct, higher_is_confident: bool = False) -> Isoton
     Fitted on the raw scores (decreasing in entropy, increasing in gate probability), so
     ``curve.predict(scores)`` takes the same units; outside the fitted range it is clipped.
     """
+    from sklearn.isotonic import IsotonicRegression
+
     s, c = check_scores(scores, correct)
     iso = IsotonicRegression(increasing=higher_is_confident, y_min=0.0, y_max=1.0, out_of_bounds="clip")
     return iso.fit(s, c.astype(np.float64))

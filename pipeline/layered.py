@@ -18,12 +18,15 @@ its own layers' cache length, and refuses a range whose layers disagree.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from pipeline.backbone import Backbone
+
+if TYPE_CHECKING:  # transformers takes seconds to import; decoding loads a backbone (and it) anyway
+    from transformers import DynamicCache
 from pipeline.teacher import project_vocab
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ class KVCache:
     def __init__(self, num_layers: int):
         self.num_layers = int(num_layers)
         # No config: every layer a full (non-sliding) DynamicLayer, croppable to any length.
+        from transformers import DynamicCache
+
         self.kv = DynamicCache()
 
     def length(self, layer: int) -> int:

@@ -53,7 +53,6 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Literal, Sequence
 
 import numpy as np
-from scipy.stats import binom
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +174,14 @@ def exit_mask(scores: np.ndarray, threshold: float | None, higher_is_confident: 
     return s >= threshold if higher_is_confident else s <= threshold
 
 
+def _binom():
+    """scipy's binomial distribution, imported on first use: scipy.stats takes seconds to import,
+    and a run whose stages are all cache hits never tests a threshold."""
+    from scipy.stats import binom
+
+    return binom
+
+
 def binomial_p_values(errors: np.ndarray, n_exited: np.ndarray, level: float) -> np.ndarray:
     """Exact p-values of ``H: accuracy < level`` given `errors` among `n_exited` tokens.
 
@@ -182,7 +189,7 @@ def binomial_p_values(errors: np.ndarray, n_exited: np.ndarray, level: float) ->
     probability at most ``P(Binomial(n, 1 - level) <= errors)``. No exits: nothing to test, p = 1.
     """
     n = np.asarray(n_exited)
-    p = binom.cdf(np.asarray(errors), np.maximum(n, 1), 1.0 - level)
+    p = _binom().cdf(np.asarray(errors), np.maximum(n, 1), 1.0 - level)
     return np.where(n > 0, p, 1.0)
 
 
@@ -458,7 +465,7 @@ def evaluate_thresholds(scores, correct, results: Sequence[LevelResult], higher_
         m = exit_mask(s, d["threshold"], higher_is_confident)
         k = int(m.sum())
         acc = float(c[m].mean()) if k else None
-        p_below = float(binom.cdf(int(c[m].sum()), k, d["level"])) if k else 1.0
+        p_below = float(_binom().cdf(int(c[m].sum()), k, d["level"])) if k else 1.0
         out.append(ThresholdCheck(
             level=d["level"], threshold=d["threshold"], n=int(s.size), n_exited=k, exit_rate=k / s.size,
             accuracy=acc, met=acc is None or acc >= d["level"], p_below=p_below, held=p_below > alpha,
