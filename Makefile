@@ -7,11 +7,13 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
 PORT ?= 4200
 REPORT_PORT ?= 4201
 ROOT ?= $(or $(EXITFLOW_HOME),.exitflow)
 
-.PHONY: setup demo test test-all test-gpu browser serve stop bench bench-extract bench-train bench-decode bench-ternary clean help
+.PHONY: setup demo test test-all test-gpu browser serve stop bench bench-extract bench-train bench-decode bench-ternary bench-cached clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -61,7 +63,10 @@ bench-decode: setup  ## self-speculative and early-exit decoding vs greedy (head
 bench-ternary: setup  ## packed ternary vs float32 vocabulary head: latency, memory, bytes (batch 1 and 64)
 	$(PY) benchmarks/bench_ternary.py
 
-bench: bench-extract bench-train bench-decode bench-ternary  ## all benchmarks
+bench-cached: setup  ## a fully cached `exitflow run pipeline`: temporary vs served Prefect server, vs the import floor (ROOT=dir)
+	$(PY) benchmarks/bench_cached.py --root $(ROOT)
+
+bench: bench-extract bench-train bench-decode bench-ternary bench-cached  ## all benchmarks
 
 clean:  ## remove the venv and the default artifact root
 	rm -rf $(VENV) .exitflow
