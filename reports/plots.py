@@ -35,7 +35,7 @@ def _panels(n: int, cols: int = 4, size: tuple[float, float] = PANEL) -> tuple[F
 
 
 def _percent_axis(ax, axis: str = "y") -> None:
-    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(PercentFormatter(1.0, decimals=0))
+    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(PercentFormatter(1.0, decimals=None))
 
 
 def _bar_labels(ax, bars, values: Sequence[float | None]) -> None:
@@ -68,10 +68,13 @@ def grouped_bars(layers: Sequence[int], series: dict[str, Sequence[float | None]
 
 def training_curves(loss: dict[str, tuple[Sequence[float], Sequence[float]]], loss_xlabel: str,
                     per_head: dict[int, tuple[Sequence[float], Sequence[float]]], per_head_label: str,
-                    percent: bool) -> bytes:
-    """Left: the training loss (per step when recorded, else per epoch); right: a per-head
-    number after each epoch (probe agreement, or held-out gate AUROC)."""
+                    percent: bool, epoch_ends: Sequence[float] = ()) -> bytes:
+    """Left: the training loss (per step when recorded, else per epoch; `epoch_ends`: the steps
+    where epochs end, marked); right: a per-head number after each epoch (probe agreement, or
+    held-out gate AUROC)."""
     fig, (left, right) = _panels(2, cols=2)
+    for x in epoch_ends:
+        left.axvline(x, color=LENS_COLOR, linestyle=":", linewidth=1)
     for label, (xs, ys) in loss.items():
         left.plot(xs, ys, marker="o" if len(xs) <= 12 else None, markersize=4, label=label)
     left.set_xlabel(loss_xlabel)

@@ -155,9 +155,11 @@ def _heads(run: RunArtifacts) -> Section | None:
 
 def _training_figure(epochs: list[dict], what: str, label: str, percent: bool, section: Section) -> Figure:
     curve = [pt for e in epochs for pt in e.get("loss_curve", [])]
+    ends: list[float] = []
     if curve:
         loss = {"loss": ([s for s, _ in curve], [v for _, v in curve])}
         xlabel = "step"
+        ends = [e["loss_curve"][-1][0] for e in epochs[:-1] if e.get("loss_curve")]
     else:
         loss = {"loss": ([e["epoch"] for e in epochs], [e["loss"] for e in epochs])}
         xlabel = "epoch"
@@ -168,8 +170,8 @@ def _training_figure(epochs: list[dict], what: str, label: str, percent: bool, s
             xs, ys = per_head.setdefault(layer, ([], []))
             xs.append(e["epoch"])
             ys.append(v)
-    return Figure("Training", partial(plots.training_curves, loss, xlabel, per_head, label, percent),
-                  f"loss per {xlabel}; {label} after each epoch")
+    return Figure("Training", partial(plots.training_curves, loss, xlabel, per_head, label, percent, ends),
+                  f"loss per {xlabel}" + (" (dotted: end of an epoch)" if ends else "") + f"; {label} after each epoch")
 
 
 # ----------------------------------------------------------------------------- gates
