@@ -22,12 +22,16 @@ from torch import nn
 
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
 from pipeline.data import looks_like_path
-from pipeline.fingerprint import sha256_file, stat_stamp
+from pipeline.fingerprint import sha256_file
 from pipeline.norm import FINAL_NORM_NAMES, FinalNormSpec, NormError, describe_norm
 from pipeline.teacher import TeacherWeights
 
 if TYPE_CHECKING:  # transformers takes seconds to import; a cache-hit plan never needs it
-    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import (
+        BitsAndBytesConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +299,6 @@ def _quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> BitsAndBytesCo
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
-
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
@@ -432,21 +435,6 @@ def model_identity(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256
     return _resolve(cfg, file_hasher).identity
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-
-
-def tokenizer_stamp(cfg: ModelConfig) -> str:
-    """A cheap stamp of what the tokenizer loads beyond the model identity: nothing for GGUF
-    (the tokenizer is inside the hashed weights file) or a hub model (the identity's commit
-    pins every file); the non-weight files' names, sizes and times for a local folder."""
-    path = Path(cfg.source).expanduser()
-    if cfg.source.startswith("embedded:") or path.is_file() or cfg.gguf_file:
-        return "inside-gguf"
-    if path.is_dir():
-        return stat_stamp(path, skip_suffixes=_WEIGHT_SUFFIXES)
-    return "hub-commit"
-
-
 def load_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, str]:
     """The backbone's tokenizer and its fingerprint, without loading the weights."""
     tokenizer = _load_tokenizer(cfg.source, _resolve(cfg, lambda path: ""))
@@ -456,7 +444,6 @@ def load_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, str]:
 def _load_tokenizer(source: str, r: _Resolved) -> PreTrainedTokenizerBase:
     try:
         from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(r.location, **r.load_kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise BackboneError(
@@ -481,7 +468,6 @@ def load_backbone(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_
              f", {cfg.quantization}" if quant else "")
     tokenizer = _load_tokenizer(source, r)
     from transformers import AutoModelForCausalLM
-
     try:
         if quant is not None:
             model = AutoModelForCausalLM.from_pretrained(

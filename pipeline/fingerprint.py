@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from pipeline.config import ModelConfig
+
 HASH_BLOCK = 1 << 22
 """Bytes read per step (4 MiB)."""
 
@@ -31,3 +33,18 @@ def stat_stamp(path: Path, skip_suffixes: tuple[str, ...] = ()) -> str:
         st = f.stat()
         h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def tokenizer_stamp(cfg: ModelConfig) -> str:
+    """A cheap stamp of what the tokenizer loads beyond the model identity: nothing for GGUF
+    (the tokenizer is inside the hashed weights file) or a hub model (the identity's commit
+    pins every file); the non-weight files' names, sizes and times for a local folder."""
+    path = Path(cfg.source).expanduser()
+    if cfg.source.startswith("embedded:") or path.is_file() or cfg.gguf_file:
+        return "inside-gguf"
+    if path.is_dir():
+        return stat_stamp(path, skip_suffixes=_WEIGHT_SUFFIXES)
+    return "hub-commit"

@@ -14,10 +14,11 @@ import logging
 from pathlib import Path
 
 from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext
-from pipeline.backbone import load_backbone, load_tokenizer, model_identity, tokenizer_stamp
+from pipeline.backbone import load_backbone, load_tokenizer, model_identity
 from pipeline.config import Config, ModelConfig, canonical
 from pipeline.data import PACK_VERSION, PackedSplit, corpus_stamp, load_corpus, pack_split
 from pipeline.extract import EXTRACT_CODE_VERSION, chunk_rows_for, extract_hidden_states
+from pipeline.fingerprint import tokenizer_stamp
 from pipeline.teacher import TeacherWeights
 from stores.artifacts import ArtifactNotFound, ArtifactStore, content_key
 from stores.cache import CacheReader, CacheSchema, CacheWriter
