@@ -24,14 +24,15 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.context import FlowRunContext
 from prefect.cache_policies import CachePolicy
+from prefect.context import FlowRunContext
 
 from flows.stages import make_stage
 from flows.stages.base import Plan, Stage, StageContext, run_stage
 from pipeline.config import Config
 from pipeline.progress import watch_progress
 from reports.index import report_html_path, write_index
+from reports.run import SUMMARY_MD
 from reports.stage_summary import stage_markdown, stage_table
 from stores.artifacts import ArtifactStore
 
@@ -99,7 +100,7 @@ def publish_report(store: ArtifactStore, key: str) -> None:
     write_index(store)
     if FlowRunContext.get() is None:
         return
-    summary = (report_html_path(store, key).parent / "summary.md").read_text()
+    summary = (report_html_path(store, key).parent / SUMMARY_MD).read_text()
     create_link_artifact(link=report_url(store, key), link_text=f"report {key[:12]}", key="report",
                          description="The run's HTML report: plots and tables of every stage it ran")
     create_markdown_artifact(markdown=summary, key="report-summary", description=f"report {key[:12]}")

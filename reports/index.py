@@ -20,7 +20,7 @@ from reports.format import (
     times,
 )
 from reports.html import STYLE
-from reports.report import REPORT_HTML
+from reports.run import REPORT_HTML
 from stores.artifacts import ArtifactStore, Manifest
 from stores.files import write_atomic
 

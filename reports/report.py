@@ -9,14 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reports.html import render_html
-from reports.run import RunArtifacts
+from reports.run import METRICS_JSON, REPORT_HTML, SUMMARY_MD, RunArtifacts
 from reports.sections import build_sections
 from reports.summary import headline, key_metrics, render_markdown
 from stores.files import write_atomic
-
-REPORT_HTML = "report.html"
-SUMMARY_MD = "summary.md"
-METRICS_JSON = "metrics.json"
 
 
 @dataclass(frozen=True)

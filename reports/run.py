@@ -16,6 +16,11 @@ REPORT_INPUTS = ("train_cache", "calib_cache", "eval_cache", "teacher_topk", "he
                  "evaluation", "quantized", "ternary_calibration", "ternary_evaluation", "recalibrate", "previous")
 """The named artifacts of a flow run a report reads, in the order it lists them."""
 
+REPORT_HTML = "report.html"
+SUMMARY_MD = "summary.md"
+METRICS_JSON = "metrics.json"
+"""The files of a report artifact."""
+
 CALIBRATION_FILE = "calibration.json"
 """The payload of a calibrate artifact (written by `flows.stages.calibrate`)."""
 DRIFT_FILE = "drift.json"

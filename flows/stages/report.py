@@ -20,7 +20,6 @@ from flows.stages.base import (
     Stage,
     StageContext,
 )
-from reports.report import write_report
 from reports.run import REPORT_INPUTS, UnknownReportInput, check_report_inputs, load_run
 
 REPORT_CODE_VERSION = "report-1"
@@ -39,6 +38,8 @@ class ReportStage(Stage):
         return self.make_plan({}, present)
 
     def build(self, ctx: StageContext, plan: Plan, staging: Path) -> Built:
+        from reports.report import write_report  # imports matplotlib (a second); a cache hit draws nothing
+
         run = load_run(ctx.store, plan.inputs, PRODUCED_BY)
         rendered = write_report(run, staging)
         return Built(metrics=rendered.headline)

@@ -18,8 +18,8 @@ from PIL import Image
 from flows.stages.base import PRODUCED_BY, run_stage
 from flows.stages.report import ReportStage
 from reports.format import level, pct, times
-from reports.report import METRICS_JSON, REPORT_HTML, SUMMARY_MD, render_report
-from reports.run import CALIBRATION_FILE, DRIFT_FILE, load_run
+from reports.report import render_report
+from reports.run import CALIBRATION_FILE, DRIFT_FILE, METRICS_JSON, REPORT_HTML, SUMMARY_MD, load_run
 from reports.sections import SECTION_TITLES, build_sections
 
 ALL_SECTIONS = set(SECTION_TITLES)
