@@ -73,15 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: telemetry only logs errors
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    root = str(args.root) if args.root else None
+    _use_running_server(root)  # before Prefect is imported: it reads its settings once
     from flows.dag import FLOWS
     from flows.stages.base import PRODUCED_BY
+    from pipeline.config import load_config
     from stores.artifacts import ArtifactStore
 
-    from pipeline.config import load_config
-
-    root = str(args.root) if args.root else None
     load_config(args.config, args.set)  # config problems are reported before any server starts
-    _use_running_server(root)
     ArtifactStore(root)
     kwargs = {"config_path": args.config, "overrides": args.set, "root": root}
     if args.stage == "extract":

@@ -86,6 +86,33 @@ def test_a_second_start_reuses_the_running_one(served, capsys):
     assert "already running" in capsys.readouterr().out
 
 
+def test_exitflow_run_uses_the_served_server_instead_of_a_temporary_one(served, tiny_model_dir, corpus_dir):
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    root, state, _ = served
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "EXITFLOW_REPORT"))}
+    sets = [f"model.source={tiny_model_dir}", f"data.source={corpus_dir}", "data.seq_len=32", "extract.layers=[1,2]",
+            "extract.max_tokens=1024", "extract.chunk_tokens=256"]
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "--root", str(root), "run", "extract",
+                           *[a for s in sets for a in ("--set", s)]],
+                          env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"using the Prefect server at {state.api_url}" in out
+    assert "temporary server" not in out
+    api = httpx.Client(base_url=state.api_url, timeout=30)
+    runs = api.post("/flow_runs/filter", json={}).raise_for_status().json()
+    assert any(r["state_type"] == "COMPLETED" for r in runs)  # the run is in the served UI
+    links = [a for a in api.post("/artifacts/filter", json={}).raise_for_status().json() if a["key"] == "report"]
+    url = links[0]["data"].split("](", 1)[1].rstrip(")")  # stored as markdown: [text](url)
+    assert url.startswith(f"{state.reports_url}/artifacts/report/") and url.endswith("/report.html")
+    assert httpx.get(url, timeout=10).status_code == 200  # the link opens
+
+
 def test_a_port_in_use_is_named_with_the_fix(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
