@@ -100,13 +100,19 @@ def test_teacher_topk_is_a_task_of_its_own(prefect_env, tmp_path, tiny_model_dir
 
 
 def test_cli_run_ls_show(prefect_env, tmp_path, tiny_model_dir, corpus_dir):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     exe = [sys.executable, "-m", "flows.cli", "--root", str(tmp_path / "root")]
     sets = [a for o in _overrides(tiny_model_dir, corpus_dir) for a in ("--set", o)]
     run = subprocess.run(exe + ["run", "extract", *sets], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     key = next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("train_cache"))
     assert "path:" in run.stdout
+    assert "telemetry" not in (run.stdout + run.stderr).lower()  # offline: the CLI turns it off itself
+    report = run.stdout.strip().splitlines()[-1]
+    assert report.startswith("report: ") and report.endswith("report.html") and Path(report[8:]).is_file()
+    latest = subprocess.run(exe + ["report"], env=env, capture_output=True, text=True, check=True)
+    assert latest.stdout.strip() == report[8:]
     ls = subprocess.run(exe + ["ls"], env=env, capture_output=True, text=True, check=True)
     assert key[:16] in ls.stdout and "extract" in ls.stdout and "STAGE" in ls.stdout
     show = subprocess.run(exe + ["show", key[:8]], env=env, capture_output=True, text=True, check=True)
