@@ -7,7 +7,10 @@ stages can key their caches on what the data is rather than where it came from.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
+import json
 import logging
 import os
 import re
@@ -22,8 +25,11 @@ from pipeline.fingerprint import stat_stamp
 
 log = logging.getLogger(__name__)
 
-# Suffix -> `datasets` builder. txt files are read directly: one file is one document.
+# Suffix -> `datasets` builder. txt files are read directly (one file is one document), and so
+# is JSON: our own parse names the line a bad record is on.
 _TABULAR = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_JSON = (".json", ".jsonl")
+_SCHEMA_ROWS = 5  # JSON lines read to learn a file's fields before a run
 _SUPPORTED = (".txt", *_TABULAR)
 _SPLIT_ORDER = ("train", "calib", "eval")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -93,12 +99,14 @@ def _read_txt(path: Path) -> list[str]:
 
 def _text_column(ds, where: str, column: str) -> list[str]:
     """The text column of a `datasets.Dataset`, with None rows dropped and types checked."""
-    if column not in ds.column_names:
-        raise DataError(
-            f"{where} has no column {column!r}; its columns are {ds.column_names}; "
-            f"pick one: set data.text_column=<column>"
-        )
-    texts = [t for t in ds[column] if t is not None]
+    return _text_values(ds.column_names, ds[column] if column in ds.column_names else [], where, column)
+
+
+def _text_values(columns: list[str], values, where: str, column: str) -> list[str]:
+    """A column's values, with None rows dropped and types checked; `columns` name the others."""
+    if column not in columns:
+        raise DataError(_no_column(where, column, columns))
+    texts = [t for t in values if t is not None]
     bad = next((t for t in texts if not isinstance(t, str)), None)
     if bad is not None:
         raise DataError(
@@ -108,7 +116,63 @@ def _text_column(ds, where: str, column: str) -> list[str]:
     return texts
 
 
+def _no_column(where: str, column: str, columns: list[str]) -> str:
+    return f"{where} has no column {column!r}; its columns are {columns}; pick one: set data.text_column=<column>"
+
+
+def _json_lines(path: Path, limit: int | None = None) -> list[dict]:
+    """The records of a JSON-lines file (the first `limit`), each checked to be a JSON object; a
+    bad line is named by its number, which a whole-file parser cannot do."""
+    rows: list[dict] = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"data file {path} line {number} is not UTF-8 ({e}); convert the file, "
+                                "e.g. `iconv -t utf-8`") from e
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"data file {path} line {number} is not valid JSON: {e.msg} at column {e.colno}; "
+                                "fix or delete that line") from e
+            if not isinstance(row, dict):
+                raise DataError(f"data file {path} line {number} is a JSON {type(row).__name__}, not an object "
+                                "with a text field; give one object per line, e.g. {\"text\": \"...\"}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path, column: str) -> list[str]:
+    """JSON lines (.jsonl, or .json holding lines), a JSON array of objects, or one object
+    whose text column is a list (columnar)."""
+    rows: list | None = None
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(path.read_bytes())
+        except ValueError:  # not one JSON document: JSON lines, parsed below with line numbers
+            whole = None
+        if isinstance(whole, dict) and isinstance(whole.get(column), list):
+            return _text_values(list(whole), whole[column], str(path), column)
+        if isinstance(whole, (list, dict)):
+            rows = whole if isinstance(whole, list) else [whole]
+            bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise DataError(f"data file {path} item {bad} is a JSON {type(rows[bad]).__name__}, not an object "
+                                "with a text field; give a list of objects, e.g. [{\"text\": \"...\"}]")
+    if rows is None:
+        rows = _json_lines(path)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return _text_values(columns, [row.get(column) for row in rows], str(path), column)
+
+
 def _read_tabular(path: Path, column: str) -> list[str]:
+    if path.suffix in _JSON:
+        return _read_json(path, column)
     import datasets
 
     try:
@@ -124,7 +188,7 @@ def _read_file(path: Path, column: str) -> list[str]:
     return _read_tabular(path, column)
 
 
-def _read_folder(folder: Path, column: str) -> list[str]:
+def _data_files(folder: Path) -> list[Path]:
     """All supported files under `folder` (recursively, hidden ones skipped), in path order."""
     files = sorted(
         (p for p in folder.rglob("*")
@@ -137,6 +201,11 @@ def _read_folder(folder: Path, column: str) -> list[str]:
             f"folder {str(folder)!r} holds no supported files ({', '.join(_SUPPORTED)}); "
             "add documents or point data.source elsewhere"
         )
+    return files
+
+
+def _read_folder(folder: Path, column: str) -> list[str]:
+    files = _data_files(folder)
     log.info("reading %d files from %s", len(files), folder)
     return [doc for p in files for doc in _read_file(p, column)]
 
@@ -173,17 +242,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         if path.is_dir():
             documents = _read_folder(path, cfg.text_column)
         elif path.is_file():
-            if path.suffix not in _SUPPORTED:
-                raise DataError(
-                    f"data.source {source!r} has unsupported type {path.suffix or '(none)'!r}; "
-                    f"use one of {', '.join(_SUPPORTED)} or a folder of them"
-                )
+            _check_suffix(path, source)
             documents = _read_file(path, cfg.text_column)
         elif looks_like_path(source):
-            raise DataError(
-                f"data path {source!r} does not exist; pass an existing file or folder, "
-                f"a hub dataset name, or {EMBEDDED_CORPUS!r}"
-            )
+            raise DataError(_missing_path(source))
         else:
             documents = _read_hub(cfg)
 
@@ -201,6 +263,76 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         documents = documents[: cfg.max_documents]
     log.info("corpus %s: %d documents, %d characters", source, len(documents), sum(map(len, documents)))
     return Corpus(documents=documents, source=source, fingerprint=_fingerprint_documents(documents))
+
+
+def _missing_path(source: str) -> str:
+    return (f"data path {source!r} does not exist; pass an existing file or folder, "
+            f"a hub dataset name, or {EMBEDDED_CORPUS!r}")
+
+
+def _check_suffix(path: Path, source: str) -> None:
+    if path.suffix not in _SUPPORTED:
+        raise DataError(f"data.source {source!r} has unsupported type {path.suffix or '(none)'!r}; "
+                        f"use one of {', '.join(_SUPPORTED)} or a folder of them")
+
+
+def check_data_source(cfg: DataConfig) -> None:
+    """What can be known about the corpus before a run, in milliseconds: the path exists, its
+    files have a supported type, tabular files have the text column (their header or first
+    rows only) and text starts as UTF-8. A hub dataset is not asked (that needs the network);
+    the full read still checks every row."""
+    source = cfg.source
+    if source.startswith("embedded:"):
+        if source != EMBEDDED_CORPUS:
+            raise DataError(f"data.source {source!r} is not an embedded corpus; the only one is {EMBEDDED_CORPUS!r}")
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = _data_files(path)
+    elif path.is_file():
+        _check_suffix(path, source)
+        files = [path]
+    elif looks_like_path(source):
+        raise DataError(_missing_path(source))
+    else:
+        return
+    for file in files:
+        _check_schema(file, cfg.text_column)
+
+
+def _check_schema(path: Path, column: str) -> None:
+    """One file's column names (or, for text, its first bytes), read without reading it all."""
+    if path.suffix == ".txt":
+        with open(path, "rb") as f:
+            try:
+                codecs.getincrementaldecoder("utf-8")().decode(f.read(1 << 16), final=False)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text ({e}); convert it, e.g. `iconv -t utf-8`") from e
+        return
+    if path.suffix in _JSON:
+        with open(path, "rb") as f:
+            first = f.read(64).lstrip()[:1]
+        if path.suffix == ".json" and first == b"[":
+            return  # a JSON array: only a full parse reads it
+        try:
+            rows = _json_lines(path, _SCHEMA_ROWS)
+        except DataError:
+            if path.suffix == ".json":
+                return  # one pretty-printed document, not lines: the full read parses it
+            raise
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            columns = next(csv.reader(f), [])
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            columns = list(pq.read_schema(path).names)
+        except Exception as e:  # ArrowInvalid and kin: not a parquet file
+            raise DataError(f"could not read {path} as parquet: {e}; check the file's format") from e
+    if columns and column not in columns:
+        raise DataError(_no_column(str(path), column, columns))
 
 
 def corpus_stamp(cfg: DataConfig) -> str | None:
