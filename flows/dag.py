@@ -16,6 +16,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 
+from flows.preflight import preflight
 from flows.stages.base import StageContext
 from flows.stages.calibrate import CalibrateStage
 from flows.stages.evaluate import EvaluateStage
@@ -58,8 +59,10 @@ class Dag:
 
     @classmethod
     def load(cls, config_path: str | None, overrides: list[str] | None, root: str | None, **sections) -> "Dag":
-        """The config file, then the typed sections' non-default fields, then the overrides."""
-        return cls(load_config(config_path, overrides or [], sections), ArtifactStore(root))
+        """The config file, then the typed sections' non-default fields, then the overrides;
+        checked against its model and corpus before any work (`flows.preflight`), so a run
+        started from the UI fails as early as `exitflow run`."""
+        return cls(preflight(load_config(config_path, overrides or [], sections)), ArtifactStore(root))
 
     @property
     def cfg(self) -> Config:
