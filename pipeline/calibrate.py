@@ -203,7 +203,14 @@ def calibrate_exits(labels: ExitLabels, gate_probs: Mapping[int, np.ndarray] | N
         raise CalibrationError(f"no labels for heads {unknown} (labelled: {labels.layers}); label those heads")
     keep = _kept(labels, cfg.reference, cfg.max_tokens)
     n = int(keep.sum())
-    check_enough_tokens(n, cfg.levels, cfg.delta, learn_fraction=cfg.learn_fraction if cfg.method == "ltt" else 0.0)
+    try:
+        check_enough_tokens(n, cfg.levels, cfg.delta, learn_fraction=cfg.learn_fraction if cfg.method == "ltt" else 0.0)
+    except CalibrationError as e:
+        available = int(_kept(labels, cfg.reference).sum())
+        if available > n:  # the cap, not the data, is short: say so first
+            raise CalibrationError(f"calibrate.max_tokens={cfg.max_tokens} keeps {n} of the {available} calib tokens; "
+                                   f"raise or unset it. {e}") from None
+        raise
     right = labels.correct_for(cfg.reference)
     correct = {layer: right[layer][keep].astype(bool) for layer in layers}
     scores = {"entropy": {layer: labels.entropy[layer][keep] for layer in layers}}

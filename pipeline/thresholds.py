@@ -263,8 +263,9 @@ def check_enough_tokens(n: int, levels: Iterable[float], delta: float, learn_fra
             f"{n} calibration tokens are too few for level {strictest} at delta {delta}: even if every "
             f"exited token were right, at least {total} tokens are needed{split} (log(delta)/log(level) = "
             f"{math.log(delta) / math.log(strictest):.1f}), and in practice several times more since only "
-            f"part of them exit. Use more calibration data (calibrate.max_tokens / data.fractions.calib), "
-            f"a larger delta, or drop level {strictest} from calibrate.levels."
+            f"part of them exit. Give calibration more data: a larger calib share in data.fractions or more "
+            f"documents in data.source (calibrate.max_tokens and extract.max_tokens only cap the tokens used, "
+            f"they add none); or allow a larger calibrate.delta, or drop level {strictest} from calibrate.levels."
         )
 
 
