@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "quantize", "evaluate", "pipeline",
@@ -32,18 +34,90 @@ artifact root: ./.exitflow, or $EXITFLOW_HOME, or --root
 """
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.backbone import BackboneError
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-    from stores.artifacts import StoreError
-    from flows.stages.base import InputMismatch
-    from pipeline.calibrate import CalibrationError
-    from pipeline.fit import TrainingDiverged
-    from stores.cache import CacheError
+_USER_ERRORS = (("pipeline.config", "ConfigError"), ("pipeline.model_files", "BackboneError"),
+                ("pipeline.data", "DataError"), ("stores.cache", "CacheError"), ("stores.artifacts", "StoreError"),
+                ("flows.stages.base", "InputMismatch"), ("pipeline.thresholds", "CalibrationError"),
+                ("pipeline.fit", "TrainingDiverged"))
+"""(module, class) of each error that means "change the input": reported as one line."""
 
-    return (ConfigError, BackboneError, DataError, CacheError, StoreError, InputMismatch, CalibrationError,
-            TrainingDiverged)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The user-error classes of the modules loaded so far: a module never imported raised
+    nothing, and importing one now could cost seconds (torch) on the way to an error line."""
+    found = (getattr(sys.modules.get(module), name, None) for module, name in _USER_ERRORS)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
+def _error_message(e: BaseException, root: str | None) -> str | None:
+    """The one line a known user error is reported as; None for anything else (a bug: its
+    traceback is what a fix needs)."""
+    if isinstance(e, _user_errors()):
+        return str(e)
+    full = _disk_full(e)
+    if full is None:
+        return None
+    from stores.artifacts import default_root
+
+    base = Path(root) if root else default_root()
+    written = _written_path(full)
+    inside = written is not None and Path(written).resolve().is_relative_to(base.resolve())
+    where = f"under {base}" if written is None or inside else "on that disk"
+    return (f"disk full while writing {written or base}: free space {where} and re-run; "
+            "the run resumes where it stopped")
+
+
+def _disk_full(e: BaseException | None) -> OSError | None:
+    """The ENOSPC error behind `e` (itself, or what it was raised from), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _written_path(e: OSError) -> str | None:
+    """The file a failed write was for: the error's own filename (open, rename), else the
+    innermost frame's `path` (a write to an open file names none; zarr's and our writers
+    keep the path in that local)."""
+    if e.filename:
+        return str(e.filename)
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        for name in ("path", "filename", "dest", "target"):
+            value = tb.tb_frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)):
+                found = value
+                break
+        tb = tb.tb_next
+    return None if found is None else os.fspath(found)
+
+
+class _OneLineErrors(logging.Filter):
+    """Without --debug a known user error is one line, the CLI's last: the records Prefect logs
+    of it on the way out (a traceback per failed task and flow, then their failed states) are
+    dropped from the terminal. Every other record passes."""
+
+    def __init__(self, root: str | None):
+        super().__init__()
+        self.root = root
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            return _error_message(record.exc_info[1], self.root) is None
+        if record.levelno >= logging.ERROR and record.name.startswith("prefect"):
+            msg = record.getMessage()
+            names = {c.__name__ for c in _subclasses(_user_errors())}
+            return "[Errno 28]" not in msg and not any(f"{n}:" in msg or f"{n}(" in msg for n in names)
+        return True
+
+
+def _subclasses(classes) -> list[type]:
+    out = list(classes)
+    for cls in classes:
+        out += _subclasses(cls.__subclasses__())
+    return out
 
 
 def _human_size(n: float) -> str:
@@ -74,6 +148,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: telemetry only logs errors
     os.environ.setdefault("DO_NOT_TRACK", "1")
     root = str(args.root) if args.root else None
+    from flows.preflight import preflight_run  # before any Prefect import or server start: a second, not half a minute
+
+    preflight_run(args.config, args.set, args.data_source if args.stage == "recalibrate" else None)
     _use_running_server(root)  # before Prefect is imported: it reads its settings once
     from flows.dag import FLOWS
     from flows.stages.base import PRODUCED_BY
@@ -163,17 +240,21 @@ def _one_line(text: str) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from stores.artifacts import ArtifactStore
+    from stores.artifacts import ArtifactStore, BrokenArtifact
 
-    store = ArtifactStore(args.root)
+    store = ArtifactStore(args.root, writable=False)
     rows = []
-    for m in store.iter_manifests(args.stage):
+    for m in store.listing(args.stage):
+        size = _human_size(store.size(m.stage, m.key))
+        if isinstance(m, BrokenArtifact):
+            rows.append((m.stage, m.key[:16], "BROKEN", size, m.created, f"{m.reason}; `exitflow verify {m.key[:16]}`"))
+            continue
         inputs = ", ".join(f"{k}={v[:12]}" for k, v in m.inputs.items()) or m.extra.get("split", "")
-        rows.append((m.stage, m.key[:16], _human_size(store.size(m.stage, m.key)), m.created, inputs))
+        rows.append((m.stage, m.key[:16], "ok", size, m.created, inputs))
     if not rows:
         print(f"no artifacts under {store.root}")
         return 0
-    header = ("STAGE", "KEY", "SIZE", "CREATED", "INPUTS")
+    header = ("STAGE", "KEY", "STATUS", "SIZE", "CREATED", "INPUTS")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -181,12 +262,34 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from stores.artifacts import ArtifactStore
+    from stores.artifacts import ArtifactStore, BrokenArtifact
 
-    store = ArtifactStore(args.root)
-    m = store.resolve(args.key)
+    store = ArtifactStore(args.root, writable=False)
+    m = store.find(args.key)
+    if isinstance(m, BrokenArtifact):
+        print(f"BROKEN: {m.message()}")
+        return 1
     print(json.dumps({**m.to_dict(), "path": str(store.path(m.stage, m.key))}, indent=2, sort_keys=True))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from stores.artifacts import ArtifactStore
+
+    store = ArtifactStore(args.root, writable=args.delete)
+    targets = [store.find(k) for k in args.keys] if args.keys else list(store.listing())
+    broken = 0
+    for a in targets:
+        result = store.verify(a.stage, a.key)
+        print(result.line(), flush=True)
+        if not result.ok:
+            broken += 1
+            if args.delete:
+                store.delete(a.stage, a.key)
+                print(f"        deleted {store.path(a.stage, a.key)}; re-run its stage to rebuild it")
+    if not targets:
+        print(f"no artifacts under {store.root}")
+    return 1 if broken else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -214,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", type=Path, default=None, help="artifact root (default: $EXITFLOW_HOME or ./.exitflow)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of every error (without it a known user error is one `error:` line)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a stage (a cache hit when its inputs are unchanged)",
@@ -237,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value (repeatable)")
     config.set_defaults(func=cmd_config)
 
-    ls = sub.add_parser("ls", help="list artifacts: stage, key, size, created, inputs")
+    ls = sub.add_parser("ls", help="list artifacts: stage, key, status (BROKEN: no readable manifest), size, created, inputs")
     ls.add_argument("--stage", default=None, help="only this stage")
     ls.set_defaults(func=cmd_ls)
 
@@ -265,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print an artifact's manifest")
     show.add_argument("key", help="artifact key or a unique prefix of it")
     show.set_defaults(func=cmd_show)
+
+    verify = sub.add_parser("verify", help="check every file of artifacts against its recorded size and checksum",
+                            description="Check every file of the given artifacts (all, when none is given) against "
+                            "the size and checksum recorded when it was written; one line per artifact. Exit 1 if "
+                            "any is broken. With --delete, broken artifacts are removed so a re-run rebuilds them.")
+    verify.add_argument("keys", nargs="*", metavar="KEY", help="artifact key or a unique prefix of it")
+    verify.add_argument("--delete", action="store_true", help="remove each broken artifact")
+    verify.set_defaults(func=cmd_verify)
     return p
 
 
@@ -274,10 +387,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    root = str(args.root) if args.root else None
+    if not args.debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OneLineErrors(root))
     try:
         return args.func(args)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = _error_message(e, root)
+        if message is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; a re-run resumes from the last whole chunk", file=sys.stderr)

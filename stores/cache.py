@@ -12,6 +12,11 @@ trains from this cache instead. Layout of the group folder:
 - ``progress.json``: rows durably written. It is replaced atomically and only after the
   chunks it counts are on disk, so a killed run resumes at a chunk boundary and rewrites
   whatever was in flight.
+- ``checksums.json``: size and CRC-32 of every chunk file (or that it holds only fill values and
+  is not stored), taken by the writer as it flushes each chunk (``checksums.log`` until the
+  cache is finished; see :mod:`stores.integrity`). A reader checks at open that every chunk file
+  is there with its size, and each chunk's checksum the first time it reads it, so a deleted or
+  damaged chunk stops the stage instead of reading as zeros.
 
 Arrays are preallocated and written in whole, aligned chunks without compression: appending
 piecemeal rewrites the last chunk each time, and float16 activations barely compress
@@ -24,7 +29,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,208 +37,28 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.sources import layer_key
-from stores.files import write_atomic
+from stores.cache_format import (  # noqa: F401  (the public names of a cache live here too)
+    _STORED_DTYPE,
+    COLUMNS,
+    FORMAT,
+    PROGRESS_FILE,
+    ROW,
+    STORAGE_DTYPES,
+    CacheCorrupt,
+    CacheError,
+    CacheMismatchError,
+    CacheSchema,
+    NonFiniteError,
+    _decode_hidden,
+    _encode_column,
+    _encode_hidden,
+    _read_progress,
+    _write_progress,
+)
+from stores.integrity import SIDECAR, ChecksumLog, Entry, IntegrityError, Sidecar, check_file, crc32_fd, summarize
 
 log = logging.getLogger(__name__)
-
-ROW = "row"
-"""Pseudo-column accepted by `CacheReader.iter_batches`: the int64 global row index of each row."""
-COLUMNS = ("input_ids", "targets", "doc_ids", "positions")
-"""Per-token int32 columns stored beside the hidden states."""
-
-STORAGE_DTYPES = ("float16", "bfloat16", "int8")
-PROGRESS_FILE = "progress.json"
-FORMAT = "exitflow.cache/1"
-_FLOAT16_MAX = 65504.0
-_INT8_MAX = 127
-_STORED_DTYPE = {"float16": np.dtype("float16"), "bfloat16": np.dtype("uint16"), "int8": np.dtype("int8")}
-
-
-class CacheError(RuntimeError):
-    """The cache folder cannot be used as asked; the message names the path and the fix."""
-
-
-class CacheMismatchError(CacheError):
-    """An existing cache folder was written for other inputs (another key or schema)."""
-
-
-class NonFiniteError(CacheError):
-    """Hidden states hold NaN/inf, or would after the cast to the storage dtype."""
-
-
-@dataclass(frozen=True)
-class CacheSchema:
-    """Shape and encoding of one cache; stored in the group attributes and checked on resume."""
-
-    num_tokens: int
-    """Rows in every array (tokens of the split that was extracted)."""
-    hidden_size: int
-    """Width of every hidden-state row."""
-    layers: tuple[int, ...]
-    """Exit layers; each has an array ``layer_<l>``. The final-norm state is always stored as ``final``."""
-    storage_dtype: str
-    """``float16`` | ``bfloat16`` (stored as uint16 bits) | ``int8`` (per-row absmax scale)."""
-    chunk_rows: int
-    """Rows per zarr chunk; a whole number of sequences, about 4096, so resumes land on sequence boundaries."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
-        problems = []
-        if not isinstance(self.num_tokens, (int, np.integer)) or self.num_tokens <= 0:
-            problems.append(f"num_tokens={self.num_tokens!r} must be a positive int")
-        if not isinstance(self.hidden_size, (int, np.integer)) or self.hidden_size <= 0:
-            problems.append(f"hidden_size={self.hidden_size!r} must be a positive int")
-        if not isinstance(self.chunk_rows, (int, np.integer)) or self.chunk_rows <= 0:
-            problems.append(f"chunk_rows={self.chunk_rows!r} must be a positive int (a multiple of seq_len, ~4096)")
-        if len(set(self.layers)) != len(self.layers):
-            problems.append(f"layers={self.layers} has duplicates")
-        if self.storage_dtype not in STORAGE_DTYPES:
-            problems.append(f"storage_dtype={self.storage_dtype!r} must be one of {', '.join(STORAGE_DTYPES)}")
-        if problems:
-            raise CacheError("invalid CacheSchema:\n  - " + "\n  - ".join(problems))
-
-    def hidden_arrays(self) -> list[str]:
-        return [layer_key(layer) for layer in self.layers] + ["final"]
-
-    def bytes_per_token_per_layer(self) -> float:
-        if self.storage_dtype == "int8":
-            return float(self.hidden_size + 4)  # int8 row + float32 scale
-        return float(2 * self.hidden_size)
-
-    @property
-    def num_chunks(self) -> int:
-        return -(-self.num_tokens // self.chunk_rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CacheSchema:
-        return cls(
-            num_tokens=int(d["num_tokens"]),
-            hidden_size=int(d["hidden_size"]),
-            layers=tuple(d["layers"]),
-            storage_dtype=str(d["storage_dtype"]),
-            chunk_rows=int(d["chunk_rows"]),
-        )
-
-    def _stored_arrays(self) -> list[str]:
-        """Every zarr array of the group: hidden arrays, their int8 scales, then the columns."""
-        names = self.hidden_arrays()
-        if self.storage_dtype == "int8":
-            names = names + [f"{n}.scale" for n in self.hidden_arrays()]
-        return names + list(COLUMNS)
-
-
-# ----------------------------------------------------------------------------- progress file
-
-
-def _read_progress(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((path / PROGRESS_FILE).read_text())
-    except FileNotFoundError:
-        return None
-
-
-def _write_progress(path: Path, rows_done: int, num_tokens: int, complete: bool) -> None:
-    doc = {"rows_done": rows_done, "num_tokens": num_tokens, "complete": complete}
-    write_atomic(path / PROGRESS_FILE, json.dumps(doc).encode())
-
-
-# ----------------------------------------------------------------------------- encoding
-
-
-def _non_finite_message(name: str, bad: int, maxabs: float, what: str, fix: str) -> str:
-    return f"hidden array {name!r}: {bad} {what} (max |value| seen {maxabs:.6g}). {fix}"
-
-
-def _to_float32(name: str, x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Rows as a float32 numpy array. Encoding runs in numpy: on a 2-thread CPU torch's
-    elementwise kernels were 10-100x slower here than numpy's (thread start-up per op)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-        if t.device.type != "cpu":  # widen on the device: the copy is cheap, numpy has no bfloat16
-            t = t.to(torch.float32).cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: widen the bits
-            return (t.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        if not t.is_floating_point():
-            raise CacheError(f"hidden array {name!r} has dtype {t.dtype}; pass float32/float16/bfloat16 rows")
-        x = t.numpy()
-    a = np.asarray(x)
-    if a.dtype.kind != "f":
-        raise CacheError(f"hidden array {name!r} has dtype {a.dtype}; pass float32/float16/bfloat16 rows")
-    return a.astype(np.float32, copy=False)
-
-
-def _absmax(x: np.ndarray) -> float:
-    """max |x|; NaN if any NaN, inf if any inf. Two reductions, no temporary array."""
-    return float(max(x.max(), -x.min())) if x.size else 0.0
-
-
-def _encode_hidden(name: str, x: np.ndarray | torch.Tensor, storage_dtype: str) -> dict[str, np.ndarray]:
-    """[n, hidden] float rows -> stored arrays ({name: ..., and name.scale for int8})."""
-    xf = _to_float32(name, x)  # [n, hidden]
-    m = _absmax(xf)
-    if not np.isfinite(m):
-        finite = np.isfinite(xf)
-        raise NonFiniteError(_non_finite_message(
-            name, int((~finite).sum()), _absmax(xf[finite]), "NaN/inf values came out of the backbone",
-            "The cache would be garbage. If the backbone runs in float16, run it in float32 or "
-            "bfloat16 (`model.dtype=float32`); storing wider does not help here, the values "
-            "are already broken before `extract.storage_dtype=bfloat16` could apply.",
-        ))
-    if storage_dtype == "float16":
-        with np.errstate(over="ignore"):  # overflow is counted below, with a better message
-            h = xf.astype(np.float16)  # [n, hidden]
-        if m > _FLOAT16_MAX:  # only values past the max can round to inf; count exactly on the cast
-            bad = int(((h.view(np.uint16) & 0x7C00) == 0x7C00).sum())
-            if bad:
-                raise NonFiniteError(_non_finite_message(
-                    name, bad, m, f"values overflow float16 (max {_FLOAT16_MAX:g}) when cast",
-                    "Some models carry activations beyond the float16 range on a few dimensions; store "
-                    "bfloat16 instead: `extract.storage_dtype=bfloat16` (or int8).",
-                ))
-        return {name: h}
-    if storage_dtype == "bfloat16":
-        u = xf.view(np.uint32)
-        # round to nearest even, as torch's float32 -> bfloat16 cast does for finite values
-        b = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)  # [n, hidden]
-        bad = int(((b & 0x7F80) == 0x7F80).sum())
-        if bad:
-            raise NonFiniteError(_non_finite_message(
-                name, bad, m, "values overflow bfloat16 when cast",
-                "Store int8 with a per-row scale instead: `extract.storage_dtype=int8`.",
-            ))
-        return {name: b}
-    # int8: per-row absmax scale, so one outlier dimension costs precision only in its own row
-    absmax = np.abs(xf).max(axis=1)  # [n]
-    scale = np.where(absmax > 0, absmax / _INT8_MAX, 1.0).astype(np.float32)  # [n]
-    q = np.clip(np.rint(xf / scale[:, None]), -_INT8_MAX, _INT8_MAX).astype(np.int8)  # [n, hidden]
-    return {name: q, f"{name}.scale": scale}
-
-
-def _encode_column(name: str, x: np.ndarray | torch.Tensor) -> np.ndarray:
-    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.ndim != 1:
-        raise CacheError(f"column {name!r} has shape {a.shape}; pass one int per row, shape [n]")
-    if a.dtype.kind not in "iub":
-        raise CacheError(f"column {name!r} has dtype {a.dtype}; pass integers")
-    if a.size and a.dtype.itemsize > 4 and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
-        raise CacheError(f"column {name!r} holds values outside int32 ({a.min()}..{a.max()})")
-    return a.astype(np.int32, copy=False)
-
-
-def _decode_hidden(storage_dtype: str, raw: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """Stored rows -> float32 [n, hidden]."""
-    if storage_dtype == "float16":
-        return raw.astype(np.float32)
-    if storage_dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32) * scale[:, None]
-
+_warned_unverifiable: set[str] = set()
 
 # ----------------------------------------------------------------------------- writer
 
@@ -273,6 +98,9 @@ class CacheWriter:
         self._arrays = {n: self._group[n] for n in schema._stored_arrays()}
         progress = _read_progress(self.path) or {}
         self._finished = self._rows_done == schema.num_tokens and bool(progress.get("complete"))
+        self._sealed = self._finished and bool(progress.get("checksums"))
+        self._log = ChecksumLog(self.path)
+        self._sums: dict[str, Entry] = {} if self._sealed else self._recover_sums()
 
     # -- creation and resume
 
@@ -294,7 +122,7 @@ class CacheWriter:
             self._group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0,
                 attributes=attributes, overwrite=True,
-                chunk_key_encoding={"name": "default", "separator": "/"},  # _fsync_chunks relies on it
+                chunk_key_encoding={"name": "default", "separator": "/"},  # CacheSchema.chunk_file relies on it
             )
         # identity last: a folder without it is an interrupted creation and is simply redone
         self._group.update_attributes({"format": FORMAT, "schema": s.to_dict(), "attrs": self.attrs})
@@ -334,6 +162,31 @@ class CacheWriter:
         if rows_done:
             log.info("cache %s: resuming at row %d of %d", self.path, rows_done, self.schema.num_tokens)
         return rows_done
+
+    def _recover_sums(self) -> dict[str, Entry]:
+        """The checksums of the chunks `rows_done` counts: from the log, else (a staging cache
+        from before checksums were kept, or a log lost to a power cut) from the files."""
+        if not self._rows_done:
+            self._log.remove()
+            return {}
+        logged = self._log.load()
+        done = -(-self._rows_done // self.schema.chunk_rows)
+        return {rel: logged[rel] if rel in logged else self._checksum_chunk(rel)
+                for _, i, rel in self.schema.chunk_files() if i < done}
+
+    def _checksum_chunk(self, rel: str, sync: bool = False) -> Entry:
+        """Size and checksum of chunk file `rel` (fsynced first with `sync`), None when zarr did
+        not store it (all fill value). Right after a write the bytes are in the page cache."""
+        try:
+            fd = os.open(self.path / rel, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if sync:
+                os.fsync(fd)
+            return crc32_fd(fd)
+        finally:
+            os.close(fd)
 
     # -- writing
 
@@ -388,30 +241,25 @@ class CacheWriter:
             rest = data[n_write:]
             self._buffer[name] = [rest] if len(rest) else []
         self._buffered -= n_write
-        self._fsync_chunks(start, stop)
+        self._sync_chunks(start, stop)
         self._rows_done = stop
         _write_progress(self.path, stop, self.schema.num_tokens, complete=False)
 
-    def _fsync_chunks(self, start: int, stop: int) -> None:
-        """Flush the chunk files of rows [start, stop) to disk, so that progress never counts
-        rows a power cut could still lose. (A killed process loses nothing already written.)"""
+    def _sync_chunks(self, start: int, stop: int) -> None:
+        """Flush the chunk files of rows [start, stop) to disk and log their checksums durably,
+        so that progress never counts rows a power cut could still lose, or rows without a
+        checksum. (A killed process loses nothing already written.)"""
         cr = self.schema.chunk_rows
-        for name in self._buffer:
-            for i in range(start // cr, -(-stop // cr)):
-                key = self.path / name / "c" / str(i)
-                if name not in COLUMNS and not name.endswith(".scale"):
-                    key = key / "0"
-                try:
-                    fd = os.open(key, os.O_RDONLY)
-                except FileNotFoundError:  # an all-zero chunk is not stored (reads as the fill value)
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        entries = {rel: self._checksum_chunk(rel, sync=True)
+                   for name in self._buffer for i in range(start // cr, -(-stop // cr))
+                   for rel in [self.schema.chunk_file(name, i)]}
+        self._log.append(entries)
+        self._sums.update(entries)
 
     def finish(self) -> None:
         if self._finished:
+            if not self._sealed:
+                self._seal()
             return
         if self._closed:
             raise CacheError(f"cache {self.path} is closed; cannot finish")
@@ -420,8 +268,18 @@ class CacheWriter:
             raise CacheError(f"cache {self.path}: got {total} rows, schema says num_tokens={self.schema.num_tokens}; "
                              "the extraction produced a different token count than planned")
         self._flush(final=True)
-        _write_progress(self.path, self._rows_done, self.schema.num_tokens, complete=True)
+        self._seal()
         self._finished = True
+
+    def _seal(self) -> None:
+        """Fold the log into the sidecar, then mark the cache complete and naming it."""
+        for _, _, rel in self.schema.chunk_files():
+            if rel not in self._sums:  # only a cache finished before checksums were kept
+                self._sums[rel] = self._checksum_chunk(rel)
+        Sidecar.from_entries(self._sums).write(self.path)
+        _write_progress(self.path, self._rows_done, self.schema.num_tokens, complete=True, checksums=SIDECAR)
+        self._log.remove()
+        self._sealed = True
 
     def close(self) -> None:
         if self._buffered and not self._finished:
@@ -439,25 +297,104 @@ class CacheWriter:
 
 
 class CacheReader:
-    """Reads a finished cache: whole arrays, row selections, or shuffled batches of whole chunks."""
+    """Reads a finished cache: whole arrays, row selections, or shuffled batches of whole chunks.
+
+    Every chunk file must be there with its recorded size when the reader opens (a stat each),
+    and each chunk's checksum is verified the first time this reader reads it; a missing or
+    changed chunk raises :class:`CacheCorrupt`. Caches written before checksums were kept are
+    read with a warning (chunk sizes are still checked).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
             raise CacheError(f"{self.path} is not a hidden-state cache (no zarr group); run the extract stage first")
-        group = zarr.open_group(store=str(self.path), mode="r")
-        stored = group.attrs.asdict()
+        self.attrs: dict = {}
+        try:
+            group = zarr.open_group(store=str(self.path), mode="r")
+            stored = group.attrs.asdict()
+        except (ValueError, KeyError, TypeError, OSError) as e:  # zarr's errors are ValueErrors
+            raise self._corrupt(f"its group metadata is unreadable ({type(e).__name__}: {e})") from None
+        self.attrs = dict(stored.get("attrs", {}))
         progress = _read_progress(self.path)
         if "schema" not in stored or not progress or not progress.get("complete"):
             done = (progress or {}).get("rows_done", 0)
             raise CacheError(f"cache {self.path} is incomplete ({done} rows written); "
                              "re-run the extract stage to finish it")
         self.schema = CacheSchema.from_dict(stored["schema"])
-        self.attrs: dict = dict(stored.get("attrs", {}))
         self.num_tokens = self.schema.num_tokens
         self.hidden_size = self.schema.hidden_size
         self.layers = self.schema.layers
-        self._arrays = {n: group[n] for n in self.schema._stored_arrays()}
+        try:
+            self._arrays = {n: group[n] for n in self.schema._stored_arrays()}
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise self._corrupt(f"an array's metadata is missing or unreadable ({type(e).__name__}: {e})") from None
+        self._sidecar = self._open_checksums(progress)
+        self._verified: set[str] = set()
+
+    # -- integrity
+
+    def _corrupt(self, problem: str) -> CacheCorrupt:
+        key = self.attrs.get("key") or self.path.parent.name
+        split = f" --split {self.attrs['split']}" if self.attrs.get("split") else ""
+        return CacheCorrupt(
+            f"cache {self.path} is damaged: {problem}. Run `exitflow verify {key}` to check the whole artifact; "
+            f"to repair, delete it (`exitflow verify {key} --delete`, or remove its folder) and re-run its stage "
+            f"(`exitflow run extract{split}`)")
+
+    def _open_checksums(self, progress: dict) -> Sidecar | None:
+        """The chunk checksums, after checking that every chunk file is there with its size."""
+        problems = []
+        if not progress.get("checksums"):
+            if str(self.path.resolve()) not in _warned_unverifiable:
+                _warned_unverifiable.add(str(self.path.resolve()))
+                log.warning("cache %s was written before chunk checksums were kept: its chunks cannot be verified "
+                            "(only their sizes are checked); re-extract it to get them", self.path)
+            for name, _, rel in self.schema.chunk_files():
+                try:
+                    size = (self.path / rel).stat().st_size
+                except FileNotFoundError:  # not stored: all fill value, or deleted (cannot tell)
+                    continue
+                if size != self.schema.chunk_bytes(name):
+                    problems.append(f"{rel}: {size} bytes, a chunk has {self.schema.chunk_bytes(name)}")
+            if problems:
+                raise self._corrupt(summarize(problems))
+            return None
+        try:
+            sidecar = Sidecar.read(self.path)
+        except IntegrityError as e:
+            raise self._corrupt(str(e)) from None
+        for _, _, rel in self.schema.chunk_files():
+            try:
+                problem = check_file(self.path / rel, rel, sidecar.entry(rel), checksum=False)
+            except KeyError:
+                problem = f"{rel}: no checksum recorded in {SIDECAR}"
+            if problem:
+                problems.append(problem)
+        if problems:
+            raise self._corrupt(summarize(problems))
+        return sidecar
+
+    def _verify(self, name: str, rows: slice | np.ndarray | None) -> None:
+        """Checksum every chunk of array `name` that `rows` touches, once per reader."""
+        if self._sidecar is None:
+            return
+        cr = self.schema.chunk_rows
+        if rows is None:
+            chunks: Iterator[int] | list[int] = iter(range(self.schema.num_chunks))
+        elif isinstance(rows, slice):
+            start, stop, _ = rows.indices(self.num_tokens)
+            chunks = iter(range(start // cr, -(-stop // cr)))
+        else:
+            chunks = np.unique(np.asarray(rows) // cr).tolist()
+        for i in chunks:
+            rel = self.schema.chunk_file(name, i)
+            if rel in self._verified:
+                continue
+            problem = check_file(self.path / rel, rel, self._sidecar.entry(rel), checksum=True)
+            if problem:
+                raise self._corrupt(problem)
+            self._verified.add(rel)
 
     # -- random access
 
@@ -467,6 +404,7 @@ class CacheReader:
             raise CacheError(f"cache {self.path} has no {kind} array {name!r}; available: {', '.join(names)}")
 
     def _read(self, name: str, rows: slice | np.ndarray | None) -> np.ndarray:
+        self._verify(name, rows)
         arr = self._arrays[name]
         if rows is None:
             return arr[:]

@@ -98,13 +98,13 @@ def test_inputs_accept_current_and_latest(tmp_path):
     with pytest.raises(ArtifactNotFound, match="no `current` run"):
         store.resolve_input("current", "heads", "train_heads")
     put("extract", "c" * 64, {})
-    put("train_heads", "h" * 64, {"cache": "c" * 64})
-    put("calibrate", "k" * 64, {"heads": "h" * 64})
-    store.set_pointer("current", "calibrate", "k" * 64, reason="first calibration")
-    store.set_pointer("latest", "calibrate", "k" * 64, heads="h" * 64)
-    assert store.resolve_input("current", "heads", "train_heads").key == "h" * 64
+    put("train_heads", "d" * 64, {"cache": "c" * 64})
+    put("calibrate", "e" * 64, {"heads": "d" * 64})
+    store.set_pointer("current", "calibrate", "e" * 64, reason="first calibration")
+    store.set_pointer("latest", "calibrate", "e" * 64, heads="d" * 64)
+    assert store.resolve_input("current", "heads", "train_heads").key == "d" * 64
     assert store.resolve_input("current", "train_cache", "extract").key == "c" * 64
-    assert store.resolve_input("latest", "heads", "train_heads").key == "h" * 64
-    assert store.resolve_input("hhhh", "heads", "train_heads").key == "h" * 64
+    assert store.resolve_input("latest", "heads", "train_heads").key == "d" * 64
+    assert store.resolve_input("dddd", "heads", "train_heads").key == "d" * 64
     with pytest.raises(ArtifactNotFound, match="has no gates"):
         store.resolve_input("current", "gates", "train_gates")

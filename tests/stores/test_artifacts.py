@@ -29,7 +29,7 @@ def test_publish_is_atomic_and_listed(tmp_path):
     assert [x.key for x in store.iter_manifests()] == [key]
     assert store.resolve(key[:6]).key == key
     with pytest.raises(ArtifactNotFound):
-        store.resolve("zzzz")
+        store.resolve("0" * 64)
 
 
 def test_pointer_roundtrip(tmp_path):

@@ -200,7 +200,7 @@ def test_writes_only_whole_aligned_chunks(tmp_path, monkeypatch):
         assert regions[0][0] == 0 and regions[-1][1] == schema.num_tokens
         assert all(regions[i][1] == regions[i + 1][0] for i in range(len(regions) - 1))
     assert json.loads((tmp_path / "c" / "progress.json").read_text()) == {
-        "rows_done": 200, "num_tokens": 200, "complete": True}
+        "rows_done": 200, "num_tokens": 200, "complete": True, "checksums": "checksums.json"}
 
 
 def test_arrays_are_preallocated_uncompressed(tmp_path):
