@@ -249,6 +249,8 @@ class ArtifactStore:
         if not src.is_dir():
             raise StoreError(f"nothing staged for {manifest.stage}/{manifest.key} at {src}")
         manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for stray in src.rglob(".*.tmp"):  # an atomic write a kill interrupted: never payload
+            stray.unlink(missing_ok=True)
         manifest.files = describe_files(src, skip=(MANIFEST,))
         write_json_atomic(src / MANIFEST, manifest.to_dict())
         dst.parent.mkdir(parents=True, exist_ok=True)
