@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from pipeline.config import Config
 from stores.artifacts import ArtifactNotFound, ArtifactStore, Manifest, content_key
+from stores.locks import build_lock
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,12 @@ class Stage(ABC):
 
 
 def run_stage(stage: Stage, ctx: StageContext, inputs: dict[str, str | None], plan: Plan | None = None) -> str:
-    """Plan, then build and publish unless the key exists; returns the artifact key."""
+    """Plan, then build and publish unless the key exists; returns the artifact key.
+
+    The build holds the key's lock (:func:`stores.locks.build_lock`) from before the staging
+    folder is touched until the artifact is published: a second run of the same key waits,
+    then finds the artifact published and reuses it, instead of writing the same staging
+    folder at the same time."""
     plan = plan or stage.plan(ctx, inputs)
     store = ctx.store
     if store.exists(stage.name, plan.key):
@@ -105,11 +111,15 @@ def run_stage(stage: Stage, ctx: StageContext, inputs: dict[str, str | None], pl
         return plan.key
     for name, key in plan.inputs.items():
         _require_upstream(store, stage, name, key)
-    staging = store.staging(stage.name, plan.key)
-    built = stage.build(ctx, plan, staging)
-    path = store.publish(Manifest(stage=stage.name, key=plan.key, config=plan.config, inputs=plan.inputs,
-                                  code_version=plan.code_version, metrics=built.metrics,
-                                  extra={**plan.extra, **built.extra}))
+    with build_lock(store.root, stage.name, plan.key):
+        if store.exists(stage.name, plan.key):
+            log.info("%s: cache hit %s (another run published it meanwhile)", stage.name, plan.key[:12])
+            return plan.key
+        staging = store.staging(stage.name, plan.key)
+        built = stage.build(ctx, plan, staging)
+        path = store.publish(Manifest(stage=stage.name, key=plan.key, config=plan.config, inputs=plan.inputs,
+                                      code_version=plan.code_version, metrics=built.metrics,
+                                      extra={**plan.extra, **built.extra}))
     log.info("%s: published %s at %s", stage.name, plan.key[:12], path)
     return plan.key
 
