@@ -150,11 +150,15 @@ class Verification:
     def ok(self) -> bool:
         return not self.problems
 
+    def summary(self) -> str:
+        """The problems on one line (the first few named, the rest counted)."""
+        return summarize(self.problems)
+
     def line(self) -> str:
         """One line for a person: ok / broken, and what."""
         head = f"{self.stage:12s} {self.key[:16]}"
         if self.problems:
-            return f"BROKEN  {head}  {summarize(self.problems)}"
+            return f"BROKEN  {head}  {self.summary()}"
         note = f"  (sizes only, written before checksums: {summarize(self.unverified)})" if self.unverified else ""
         return f"ok      {head}{note}"
 
@@ -345,9 +349,10 @@ class ArtifactStore:
         return found
 
     # -- integrity ---------------------------------------------------------------------------
-    def verify(self, stage: str, key: str) -> Verification:
+    def verify(self, stage: str, key: str, checksums: bool = True) -> Verification:
         """Check every file the manifest records (size and checksum), and every chunk its
-        sidecars record. Reads the whole artifact."""
+        sidecars record: reads the whole artifact. Without `checksums`, only that every file is
+        there with its size (a stat each, as `exitflow ls` does)."""
         out = Verification(stage, key)
         found = self._load(stage, key)
         if found is None:
@@ -355,7 +360,7 @@ class ArtifactStore:
         if isinstance(found, BrokenArtifact):
             out.problems.append(found.reason)
             return out
-        out.problems, out.unverified = verify_files(self.path(stage, key), found.files)
+        out.problems, out.unverified = verify_files(self.path(stage, key), found.files, checksums)
         return out
 
     def resolve_input(self, ref: str, name: str, stage: str) -> Manifest:

@@ -123,26 +123,27 @@ def check_file(path: Path, rel: str, entry: Entry, *, checksum: bool) -> str | N
     return None
 
 
-def verify_sidecar(folder: Path, sidecar: Sidecar, prefix: str = "") -> list[str]:
+def verify_sidecar(folder: Path, sidecar: Sidecar, prefix: str = "", checksum: bool = True) -> list[str]:
     """Every file the sidecar records: present (or absent, as recorded), size and checksum."""
     folder = Path(folder)
     problems = []
     for rel in sorted(sidecar.files.keys() | sidecar.absent):
-        problem = check_file(folder / rel, prefix + rel, sidecar.entry(rel), checksum=True)
+        problem = check_file(folder / rel, prefix + rel, sidecar.entry(rel), checksum=checksum)
         if problem:
             problems.append(problem)
     return problems
 
 
-def check_sha256(path: Path, rel: str, entry: dict) -> str | None:
-    """What is wrong with `path` against a manifest record ``{"size", "sha256"}`` (None: nothing)."""
+def check_sha256(path: Path, rel: str, entry: dict, checksum: bool = True) -> str | None:
+    """What is wrong with `path` against a manifest record ``{"size", "sha256"}`` (None: nothing);
+    without `checksum`, only its existence and size."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return f"{rel}: missing (recorded {entry.get('size')} bytes)"
     if "size" in entry and size != entry["size"]:
         return f"{rel}: {size} bytes, recorded {entry['size']}"
-    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+    if checksum and "sha256" in entry and file_sha256(path) != entry["sha256"]:
         return f"{rel}: sha256 differs from the manifest's"
     return None
 
@@ -188,27 +189,29 @@ class ChecksumLog:
         self.path.unlink(missing_ok=True)
 
 
-def verify_files(folder: Path, files: dict[str, dict]) -> tuple[list[str], list[str]]:
+def verify_files(folder: Path, files: dict[str, dict], checksum: bool = True) -> tuple[list[str], list[str]]:
     """Check the files a manifest records (``files``, as :func:`describe_files` wrote them)
     under `folder`: problems, each naming a file, and the folders that could be checked only
-    by total size and count (recorded before their files were)."""
+    by total size and count (recorded before their files were). Without `checksum` only
+    existence and sizes are compared: a stat per file, no reading."""
     problems: list[str] = []
     unverified: list[str] = []
     for name, entry in sorted(files.items()):
         if not name.endswith("/"):
-            problems += [p for p in [check_sha256(folder / name, name, entry)] if p]
+            problems += [p for p in [check_sha256(folder / name, name, entry, checksum)] if p]
             continue
         sub = folder / name.rstrip("/")
         if "contents" not in entry:
             problems += _check_folder_totals(sub, name, entry)
             unverified.append(name)
             continue
-        bad = [p for rel, e in sorted(entry["contents"].items()) if (p := check_sha256(sub / rel, name + rel, e))]
+        bad = [p for rel, e in sorted(entry["contents"].items())
+               if (p := check_sha256(sub / rel, name + rel, e, checksum))]
         problems += bad
         sidecar = entry.get("checksums")
         if sidecar and not any(p.startswith(f"{name}{sidecar}:") for p in bad):
             try:
-                problems += verify_sidecar(sub, Sidecar.read(sub), prefix=name)
+                problems += verify_sidecar(sub, Sidecar.read(sub), prefix=name, checksum=checksum)
             except IntegrityError as e:
                 problems.append(f"{name}{sidecar}: {e}")
     return problems, unverified
