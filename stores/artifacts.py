@@ -216,9 +216,14 @@ class ArtifactStore:
         p.mkdir(parents=True, exist_ok=True)
         return p
 
-    def exists(self, stage: str, key: str) -> bool:
-        """True when the artifact is complete: its folder holds a readable manifest."""
-        return isinstance(self._load(stage, key), Manifest)
+    def exists(self, stage: str, key: str, strict: bool = False) -> bool:
+        """True when the artifact is complete: its folder holds a readable manifest. A folder
+        without one is not complete; with `strict` it raises ArtifactBroken (an input a stage
+        is about to read) instead of answering False (an output it may rebuild)."""
+        found = self._load(stage, key)
+        if strict and isinstance(found, BrokenArtifact):
+            raise ArtifactBroken(found.message())
+        return isinstance(found, Manifest)
 
     def _load(self, stage: str, key: str) -> Manifest | BrokenArtifact | None:
         """The artifact's manifest; a BrokenArtifact when its folder has no readable one; None
