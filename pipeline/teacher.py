@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -296,10 +297,15 @@ def topk_of_batch(teacher: TeacherWeights, final: torch.Tensor, k: int,
 
 def compute_teacher_topk(teacher: TeacherWeights, source, k: int, out_ids: np.ndarray, out_logprobs: np.ndarray,
                          batch_rows: int = 2048, progress: bool = True,
-                         device: str | torch.device | None = None) -> None:
+                         device: str | torch.device | None = None, start_batch: int = 0,
+                         on_batch: Callable[[int], None] | None = None) -> None:
     """Fill out_ids [num_tokens, k] int32 and out_logprobs [num_tokens, k] float32 (row-indexed,
     usually np.memmaps the caller opened) with the teacher's top-k of every row of `source`
     (a `BatchSource` with ``final`` and ``row``): one sequential no-grad pass.
+
+    Resumable: the pass starts at batch `start_batch` (the rows before it are already filled)
+    and calls ``on_batch(batches_done)`` after each batch's rows are written, where the caller
+    makes them durable and records how far it got.
 
     Raises FloatingPointError naming the first bad row if a log-probability is not finite
     (the cache's final states hold NaN/inf), so a broken teacher never reaches training.
@@ -311,12 +317,13 @@ def compute_teacher_topk(teacher: TeacherWeights, source, k: int, out_ids: np.nd
                              "(one row per source row, k columns)")
     device = torch.device(device) if device is not None else teacher.lm_head.device
     teacher = teacher.to(device) if teacher.lm_head.device != device else teacher
-    seen = 0
+    seen = min(n, start_batch * batch_rows)
     t0 = time.perf_counter()
-    bar = ProgressBar(total=n, unit="tok", unit_scale=True, desc="teacher top-k", disable=not progress, dynamic_ncols=True)
-    batches = source.iter_batches(["final", "row"], batch_rows, shuffle=False)
+    bar = ProgressBar(total=n, initial=seen, unit="tok", unit_scale=True, desc="teacher top-k", disable=not progress,
+                      dynamic_ncols=True)
+    batches = source.iter_batches(["final", "row"], batch_rows, shuffle=False, start_batch=start_batch)
     try:
-        for batch in batches:
+        for done, batch in enumerate(batches, start=start_batch + 1):
             rows = np.asarray(batch["row"], dtype=np.int64)  # [b]
             final = torch.from_numpy(np.ascontiguousarray(batch["final"])).to(device)  # [b, H]
             ids, logprobs = topk_of_batch(teacher, final, k)  # [b, k], [b, k]
@@ -332,6 +339,8 @@ def compute_teacher_topk(teacher: TeacherWeights, source, k: int, out_ids: np.nd
             out_logprobs[rows] = logprobs
             seen += len(rows)
             bar.update(len(rows))
+            if on_batch is not None:
+                on_batch(done)
     finally:
         batches.close()
         bar.close()

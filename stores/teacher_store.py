@@ -9,14 +9,18 @@ staging folder and publishes the folder only when the pass finished.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.teacher import TeacherTopK
+from stores.files import write_json_atomic
 
 IDS_FILE = "topk_ids.npy"
 LOGPROBS_FILE = "topk_logprobs.npy"
+PROGRESS_FILE = "progress.json"
+"""Batches of an unfinished pass already on disk (staging only; removed before publishing)."""
 
 
 class TeacherStoreError(RuntimeError):
@@ -33,6 +37,44 @@ def create_teacher_topk(folder: Path, num_tokens: int, k: int) -> tuple[np.memma
     ids = np.lib.format.open_memmap(folder / IDS_FILE, mode="w+", dtype=np.int32, shape=(num_tokens, k))
     logprobs = np.lib.format.open_memmap(folder / LOGPROBS_FILE, mode="w+", dtype=np.float32, shape=(num_tokens, k))
     return ids, logprobs
+
+
+def resume_teacher_topk(folder: Path, num_tokens: int, k: int, batch_rows: int) -> tuple[np.memmap, np.memmap, int]:
+    """The memory maps of an interrupted pass in `folder` and the batches it had made durable,
+    or fresh ones and 0 when there is nothing to resume (or it was for another shape)."""
+    folder = Path(folder)
+    done = _read_progress(folder)
+    want = {"num_tokens": num_tokens, "k": k, "batch_rows": batch_rows}
+    if done and all(done.get(key) == v for key, v in want.items()) and (folder / IDS_FILE).is_file() \
+            and (folder / LOGPROBS_FILE).is_file():
+        ids = np.load(folder / IDS_FILE, mmap_mode="r+")
+        logprobs = np.load(folder / LOGPROBS_FILE, mmap_mode="r+")
+        if ids.shape == logprobs.shape == (num_tokens, k):
+            return ids, logprobs, int(done["batches_done"])
+    (folder / PROGRESS_FILE).unlink(missing_ok=True)
+    return (*create_teacher_topk(folder, num_tokens, k), 0)
+
+
+def record_topk_progress(folder: Path, ids: np.memmap, logprobs: np.memmap, batches_done: int,
+                         batch_rows: int) -> None:
+    """Make the rows written so far durable, then record how many batches they are: a pass
+    killed after this resumes at the next batch."""
+    flush_teacher_topk(ids, logprobs)
+    write_json_atomic(Path(folder) / PROGRESS_FILE, {"batches_done": batches_done, "batch_rows": batch_rows,
+                                                      "num_tokens": int(ids.shape[0]), "k": int(ids.shape[1])})
+
+
+def finish_teacher_topk(folder: Path, *arrays: np.memmap) -> None:
+    """Flush the pass's pages and drop its progress record: the folder is a finished top-k."""
+    flush_teacher_topk(*arrays)
+    (Path(folder) / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def _read_progress(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def flush_teacher_topk(*arrays: np.memmap) -> None:

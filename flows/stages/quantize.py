@@ -90,6 +90,7 @@ class QuantizeStage(Stage):
         save_tensors(staging / HEADS_FILE, result.state)
         save_tensors(staging / HEADS_PACKED, packed_state(heads))
         metrics: dict = {"steps": result.steps, "tokens_per_s": round(result.tokens_per_s, 1),
+                         "resumed_from_epoch": result.resumed_from_epoch,
                          "epochs": to_plain(result.epochs), "kind": heads_cfg.kind,
                          "size": _sizes(float_heads, heads),
                          "frozen_shared": "the adapter heads' shared LM head stays float32 (frozen, one copy for "
@@ -104,7 +105,8 @@ class QuantizeStage(Stage):
             gates = load_ternary_gates(gates_cfg, qcfg, teacher, gres.state)
             save_tensors(staging / GATES_FILE, gres.state)
             save_tensors(staging / GATES_PACKED, packed_state(gates))
-            metrics["gates"] = {"epochs": to_plain(gres.epochs), "heldout_auroc": to_plain(gres.auroc),
+            metrics["gates"] = {"epochs": to_plain(gres.epochs), "resumed_from_epoch": gres.resumed_from_epoch,
+                                "heldout_auroc": to_plain(gres.auroc),
                                 "size": _sizes(float_gates, gates)}
         if "eval_cache" in plan.inputs:
             eval_reader = open_cache(store, plan.inputs["eval_cache"])

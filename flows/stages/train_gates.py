@@ -52,7 +52,8 @@ class TrainGatesStage(Stage):
                              checkpoints=FileCheckpoints(staging / "checkpoints"), progress=ctx.progress,
                              max_label_tokens=ctx.cfg.gates.max_tokens)
         save_tensors(staging / GATES_FILE, result.state)
-        metrics = {"steps": result.steps, "heldout_auroc": to_plain(result.auroc),
+        metrics = {"steps": result.steps, "resumed_from_epoch": result.resumed_from_epoch,
+                   "heldout_auroc": to_plain(result.auroc),
                    "heldout_entropy_auroc": to_plain(result.entropy_auroc), "epochs": to_plain(result.epochs)}
         if "eval_cache" in plan.inputs:
             gates = load_gates(ctx.cfg.gates, teacher, result.state)
