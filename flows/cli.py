@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -144,6 +145,39 @@ def _use_running_server(root: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run a flow. SIGINT and SIGTERM stop it at once (see flows/interrupts.py); the Prefect
+    server it talks to is `exitflow serve`'s, PREFECT_API_URL's, or a child of this process
+    that ends with it (flows/server_process.py)."""
+    from flows.interrupts import raise_if_signalled, stop_on_signals
+
+    with stop_on_signals(), contextlib.ExitStack() as cleanup:
+        code = _run(args, cleanup)
+        raise_if_signalled()
+        return code
+
+
+def _start_server(root: str | None, cleanup: contextlib.ExitStack):
+    """The served server or PREFECT_API_URL when there is one (None); else a temporary server,
+    started now so that it comes up while the CLI imports and plans, and stopped by `cleanup`
+    after Prefect has sent what it still holds. PREFECT_API_URL is set before Prefect is
+    imported: it reads its settings once."""
+    _use_running_server(root)
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None
+    from flows.server_process import TemporaryServer, drain_prefect_clients
+    from stores.artifacts import default_root
+
+    server = TemporaryServer(os.environ.get("PREFECT_HOME") or Path(root or default_root()) / "prefect")
+    os.environ["PREFECT_API_URL"] = server.start()
+    # A local child that refuses connections is gone, not flaky: fail in seconds, not minutes of retries.
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
+    cleanup.callback(os.environ.pop, "PREFECT_API_URL", None)
+    cleanup.callback(server.stop)
+    cleanup.callback(drain_prefect_clients)  # runs first
+    return server
+
+
+def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: telemetry only logs errors
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -151,14 +185,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.preflight import preflight_run  # before any Prefect import or server start: a second, not half a minute
 
     preflight_run(args.config, args.set, args.data_source if args.stage == "recalibrate" else None)
-    _use_running_server(root)  # before Prefect is imported: it reads its settings once
+    server = _start_server(root, cleanup)  # before Prefect is imported: it reads its settings once
     from flows.dag import FLOWS
     from flows.stages.base import PRODUCED_BY
     from pipeline.config import load_config
     from stores.artifacts import ArtifactStore
 
-    load_config(args.config, args.set)  # config problems are reported before any server starts
+    load_config(args.config, args.set)
     ArtifactStore(root)
+    if server is not None:
+        server.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
     kwargs = {"config_path": args.config, "overrides": args.set, "root": root}
     if args.stage == "extract":
         kwargs["split"] = args.split
@@ -406,9 +442,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; a re-run resumes from the last whole chunk", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        from flows.interrupts import as_interrupt, exit_code, interrupted_message
+
+        interrupt = as_interrupt(e)
+        if interrupt is None:
+            raise
+        print(interrupted_message(interrupt), file=sys.stderr)
+        return exit_code(interrupt)
 
 
 if __name__ == "__main__":

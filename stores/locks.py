@@ -54,13 +54,15 @@ class HeldLock:
 
 
 _held: list[HeldLock] = []
+_abandoned: list[HeldLock] = []
 _held_guard = threading.Lock()
 
 
-def held_locks() -> list[HeldLock]:
-    """The build locks this process holds now, oldest first (what an interrupt leaves half built)."""
+def unfinished_builds() -> list[HeldLock]:
+    """The builds of this process that hold their lock now or were left by an exception (an
+    interrupt, an error), oldest first: their staging folders keep what a re-run resumes from."""
     with _held_guard:
-        return list(_held)
+        return list(dict.fromkeys(_abandoned + _held))
 
 
 def lock_path(root: str | Path, stage: str, key: str) -> Path:
@@ -105,6 +107,13 @@ def build_lock(root: str | Path, stage: str, key: str, timeout: float | None = N
             _held.append(me)
         try:
             yield
+        except BaseException:
+            with _held_guard:
+                _abandoned.append(me)
+            raise
+        else:
+            with _held_guard:
+                _abandoned[:] = [b for b in _abandoned if b != me]
         finally:
             with _held_guard:
                 _held.remove(me)
