@@ -304,8 +304,9 @@ def _check_schema(path: Path, column: str) -> None:
     """One file's column names (or, for text, its first bytes), read without reading it all."""
     if path.suffix == ".txt":
         with open(path, "rb") as f:
-            try:
-                codecs.getincrementaldecoder("utf-8")().decode(f.read(1 << 16), final=False)
+            head = f.read(1 << 16)
+            try:  # a character cut at the end of the 64 KiB read is not an error; one at the file's end is
+                codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < 1 << 16)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path} is not UTF-8 text ({e}); convert it, e.g. `iconv -t utf-8`") from e
         return
