@@ -98,7 +98,7 @@ def _written_path(e: OSError) -> str | None:
 class _OneLineErrors(logging.Filter):
     """Without --debug a known user error is one line, the CLI's last: the records Prefect logs
     of it on the way out (a traceback per failed task and flow, then their failed states) are
-    dropped from the terminal. Every other record passes."""
+    dropped from the terminal (the run's page in the UI keeps them). Every other record passes."""
 
     def __init__(self, root: str | None):
         super().__init__()
@@ -107,7 +107,7 @@ class _OneLineErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
             return _error_message(record.exc_info[1], self.root) is None
-        if record.levelno >= logging.ERROR and record.name.startswith("prefect"):
+        if record.name.startswith("prefect"):  # "Finished in state Failed('... DataError: ...')", at any level
             msg = record.getMessage()
             names = {c.__name__ for c in _subclasses(_user_errors())}
             return "[Errno 28]" not in msg and not any(f"{n}:" in msg or f"{n}(" in msg for n in names)
