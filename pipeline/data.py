@@ -138,7 +138,7 @@ def _json_lines(path: Path, limit: int | None = None) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"data file {path} line {number} is not valid JSON: {e.msg} at column {e.colno}; "
+                raise DataError(f"data file {path} line {number} is not valid JSON ({e.msg.removesuffix(' at')}, column {e.colno}); "
                                 "fix or delete that line") from e
             if not isinstance(row, dict):
                 raise DataError(f"data file {path} line {number} is a JSON {type(row).__name__}, not an object "

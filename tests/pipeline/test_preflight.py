@@ -203,10 +203,11 @@ def test_a_missing_text_column_is_found_from_headers_and_first_rows(tmp_path):
 def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path):
     path = tmp_path / "docs.jsonl"
     lines = [json.dumps({"text": f"document {i}"}) for i in range(30)]
-    lines[16] = '{"text": "unterminated'
+    lines[16] = '{"text": unquoted}'
     path.write_text("\n".join(lines) + "\n")
     check_data_source(DataConfig(source=str(path)))  # the schema (first rows) is fine
-    with pytest.raises(DataError, match=f"data file {path} line 17 is not valid JSON: .*fix or delete that line"):
+    with pytest.raises(DataError, match=f"data file {path} line 17 is not valid JSON \\(Expecting value, column 10\\); "
+                       "fix or delete that line"):
         load_corpus(DataConfig(source=str(path)))
     path.write_text('{"text": "a"}\n[1, 2]\n')
     with pytest.raises(DataError, match="line 2 is a JSON list, not an object"):
