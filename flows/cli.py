@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
     root = str(args.root) if args.root else None
     from flows.preflight import preflight_run  # before any Prefect import or server start: a second, not half a minute
 
-    preflight_run(args.config, args.set, args.data_source if args.stage == "recalibrate" else None)
+    preflight_run(args.config, args.set, args.stage, args.data_source if args.stage == "recalibrate" else None)
     server = _start_server(root, cleanup)  # before Prefect is imported: it reads its settings once
     from flows.dag import FLOWS
     from flows.stages.base import PRODUCED_BY

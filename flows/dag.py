@@ -58,11 +58,13 @@ class Dag:
         return key
 
     @classmethod
-    def load(cls, config_path: str | None, overrides: list[str] | None, root: str | None, **sections) -> "Dag":
+    def load(cls, config_path: str | None, overrides: list[str] | None, root: str | None, *,
+             absent_data_ok: bool = False, **sections) -> "Dag":
         """The config file, then the typed sections' non-default fields, then the overrides;
         checked against its model and corpus before any work (`flows.preflight`), so a run
         started from the UI fails as early as `exitflow run`."""
-        return cls(preflight(load_config(config_path, overrides or [], sections)), ArtifactStore(root))
+        cfg = preflight(load_config(config_path, overrides or [], sections), absent_data_ok)
+        return cls(cfg, ArtifactStore(root))
 
     @property
     def cfg(self) -> Config:

@@ -13,16 +13,19 @@ from pipeline.checks import check_run
 from pipeline.config import Config, load_config
 
 
-def preflight(cfg: Config) -> Config:
-    """Raise `pipeline.checks.PreflightError` listing every problem of `cfg`; return it unchanged."""
-    check_run(cfg)
+def preflight(cfg: Config, absent_data_ok: bool = False) -> Config:
+    """Raise `pipeline.checks.PreflightError` listing every problem of `cfg`; return it unchanged.
+    `absent_data_ok`: a data folder that does not exist yet is left to the flow (recalibration
+    completes saying there is nothing to do)."""
+    check_run(cfg, absent_data_ok)
     return cfg
 
 
-def preflight_run(config_path: str | None, overrides: list[str] | None, data_source: str | None = None) -> Config:
-    """The config `exitflow run` will use, checked; `data_source` replaces data.source (as
+def preflight_run(config_path: str | None, overrides: list[str] | None, stage: str,
+                  data_source: str | None = None) -> Config:
+    """The config `exitflow run STAGE` will use, checked; `data_source` replaces data.source (as
     `run recalibrate --data-source` does)."""
     cfg = load_config(config_path, overrides or [])
     if data_source:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(data_source)})})
-    return preflight(cfg)
+    return preflight(cfg, absent_data_ok=stage == "recalibrate")

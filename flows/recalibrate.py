@@ -142,8 +142,8 @@ def recalibrate_flow(data_source: str | None = None, inputs: InputsConfig = Inpu
         root: Artifact root folder; default $EXITFLOW_HOME or ./.exitflow.
     """
     logger = get_run_logger()
-    dag = _with_source(Dag.load(config_path, overrides, root, inputs=inputs, model=model, data=data, extract=extract,
-                                calibrate=calibrate), data_source)
+    dag = _with_source(Dag.load(config_path, overrides, root, absent_data_ok=True, inputs=inputs, model=model,
+                                data=data, extract=extract, calibrate=calibrate), data_source)
     store = dag.store
     waiting = _not_ready(dag)
     if waiting:

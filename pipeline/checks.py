@@ -9,8 +9,10 @@ flow, and on artifacts named by `inputs.*`, which this module does not open.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.config import Config, ConfigError
-from pipeline.data import DataError, check_data_source
+from pipeline.data import DataError, check_data_source, looks_like_path
 from pipeline.model_files import (
     BackboneError,
     ModelFacts,
@@ -25,18 +27,20 @@ class PreflightError(ConfigError):
     """The run cannot work as configured; the message lists every problem and its fix."""
 
 
-def check_run(cfg: Config) -> None:
+def check_run(cfg: Config, absent_data_ok: bool = False) -> None:
     """Raise one `PreflightError` naming every problem `run_problems` finds."""
-    problems = run_problems(cfg)
+    problems = run_problems(cfg, absent_data_ok)
     if len(problems) == 1:
         raise PreflightError(problems[0])
     if problems:
         raise PreflightError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def run_problems(cfg: Config) -> list[str]:
-    """Every problem of the config with itself, with its model and with its corpus."""
-    return config_problems(cfg) + model_problems(cfg) + data_problems(cfg)
+def run_problems(cfg: Config, absent_data_ok: bool = False) -> list[str]:
+    """Every problem of the config with itself, with its model and with its corpus.
+    `absent_data_ok`: a data path that does not exist (yet) is no problem; recalibration,
+    scheduled before data arrives, reports it as nothing to do."""
+    return config_problems(cfg) + model_problems(cfg) + data_problems(cfg, absent_data_ok)
 
 
 def config_problems(cfg: Config) -> list[str]:
@@ -119,8 +123,10 @@ def _fit_problems(cfg: Config, facts: ModelFacts) -> list[str]:
     return problems
 
 
-def data_problems(cfg: Config) -> list[str]:
+def data_problems(cfg: Config, absent_data_ok: bool = False) -> list[str]:
     """The corpus exists and its files have the text column (headers and first rows only)."""
+    if absent_data_ok and looks_like_path(cfg.data.source) and not Path(cfg.data.source).expanduser().exists():
+        return []
     try:
         check_data_source(cfg.data)
     except DataError as e:
