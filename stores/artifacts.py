@@ -197,7 +197,7 @@ class ArtifactStore:
             self._probed = True
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                probe = self.root / f".write-probe-{os.getpid()}"
+                probe = self.root / f".write-probe-{os.getpid()}-{id(self)}"  # two stores of one process may probe at once
                 probe.write_text("ok")
                 probe.unlink()
             except OSError as e:
