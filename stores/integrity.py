@@ -9,10 +9,11 @@ Two records sit beside the data:
   and CRC-32 of each file, and the files that are absent on purpose (zarr stores no chunk that
   is all fill value, and reading one gives zeros, so a deleted chunk must be told from those).
 
-CRC-32 for the chunks: it catches what disks and copies do to files (truncation, zeroed pages,
-flipped bits), and zlib computes it at about 5 GB/s here against 1.7 GB/s for sha256 and 0.6
-GB/s for blake2b, which extraction would notice (see benchmarks/results/checksums.md). It is no
-defence against someone forging a chunk; nor would a hash be, with the sidecar beside it.
+CRC-32 (zlib, in the standard library) for the chunks: it catches what disks and copies do to
+files (truncation, zeroed pages, flipped bits) and is several times faster than sha256 or
+blake2b, so a writer that hashes every chunk it writes stays close to its old throughput
+(benchmarks/results/checksums.md). It is no defence against someone forging a chunk; nor would
+a cryptographic hash be, with the sidecar beside it.
 
 While a cache is being written its checksums go to an append-only log (one JSON line per flush,
 fsynced before the progress file counts those chunks), so a killed run resumes with them; the
