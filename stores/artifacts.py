@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -280,7 +281,7 @@ class ArtifactStore:
 
     def _remove(self, folder: Path) -> None:
         """Delete a folder so that no reader sees it half gone: renamed aside first (atomic)."""
-        aside = self.root / "staging" / f".deleting-{folder.parent.name}-{folder.name}-{os.getpid()}"
+        aside = self.root / "staging" / f".deleting-{folder.parent.name}-{folder.name}-{uuid.uuid4().hex[:12]}"
         aside.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(folder, aside)

@@ -54,6 +54,7 @@ from stores.cache_format import (  # noqa: F401  (the public names of a cache li
     _encode_hidden,
     _read_progress,
     _write_progress,
+    chunk_problems,
 )
 from stores.integrity import SIDECAR, ChecksumLog, Entry, IntegrityError, Sidecar, check_file, crc32_fd, summarize
 
@@ -344,33 +345,17 @@ class CacheReader:
 
     def _open_checksums(self, progress: dict) -> Sidecar | None:
         """The chunk checksums, after checking that every chunk file is there with its size."""
-        problems = []
-        if not progress.get("checksums"):
-            if str(self.path.resolve()) not in _warned_unverifiable:
-                _warned_unverifiable.add(str(self.path.resolve()))
-                log.warning("cache %s was written before chunk checksums were kept: its chunks cannot be verified "
-                            "(only their sizes are checked); re-extract it to get them", self.path)
-            for name, _, rel in self.schema.chunk_files():
-                try:
-                    size = (self.path / rel).stat().st_size
-                except FileNotFoundError:  # not stored: all fill value, or deleted (cannot tell)
-                    continue
-                if size != self.schema.chunk_bytes(name):
-                    problems.append(f"{rel}: {size} bytes, a chunk has {self.schema.chunk_bytes(name)}")
-            if problems:
-                raise self._corrupt(summarize(problems))
-            return None
-        try:
-            sidecar = Sidecar.read(self.path)
-        except IntegrityError as e:
-            raise self._corrupt(str(e)) from None
-        for _, _, rel in self.schema.chunk_files():
+        sidecar = None
+        if progress.get("checksums"):
             try:
-                problem = check_file(self.path / rel, rel, sidecar.entry(rel), checksum=False)
-            except KeyError:
-                problem = f"{rel}: no checksum recorded in {SIDECAR}"
-            if problem:
-                problems.append(problem)
+                sidecar = Sidecar.read(self.path)
+            except IntegrityError as e:
+                raise self._corrupt(str(e)) from None
+        elif str(self.path.resolve()) not in _warned_unverifiable:
+            _warned_unverifiable.add(str(self.path.resolve()))
+            log.warning("cache %s was written before chunk checksums were kept: its chunks cannot be verified "
+                        "(only their sizes are checked); re-extract it to get them", self.path)
+        problems = chunk_problems(self.path, self.schema, sidecar)
         if problems:
             raise self._corrupt(summarize(problems))
         return sidecar
@@ -379,15 +364,7 @@ class CacheReader:
         """Checksum every chunk of array `name` that `rows` touches, once per reader."""
         if self._sidecar is None:
             return
-        cr = self.schema.chunk_rows
-        if rows is None:
-            chunks: Iterator[int] | list[int] = iter(range(self.schema.num_chunks))
-        elif isinstance(rows, slice):
-            start, stop, _ = rows.indices(self.num_tokens)
-            chunks = iter(range(start // cr, -(-stop // cr)))
-        else:
-            chunks = np.unique(np.asarray(rows) // cr).tolist()
-        for i in chunks:
+        for i in self.schema.chunks_of(rows):
             rel = self.schema.chunk_file(name, i)
             if rel in self._verified:
                 continue

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.sources import layer_key
 from stores.files import write_atomic
+from stores.integrity import SIDECAR, Sidecar, check_file
 
 ROW = "row"
 """Pseudo-column accepted by `CacheReader.iter_batches`: the int64 global row index of each row."""
@@ -120,6 +121,16 @@ class CacheSchema:
         if _is_1d(name):
             return self.chunk_rows * 4  # int32 columns, float32 scales
         return self.chunk_rows * self.hidden_size * _STORED_DTYPE[self.storage_dtype].itemsize
+
+    def chunks_of(self, rows: slice | np.ndarray | None) -> range | list[int]:
+        """Indices of the chunks holding `rows` (all of them for None)."""
+        cr = self.chunk_rows
+        if rows is None:
+            return range(self.num_chunks)
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(self.num_tokens)
+            return range(start // cr, -(-stop // cr))
+        return np.unique(np.asarray(rows) // cr).tolist()
 
     def chunk_files(self) -> list[tuple[str, int, str]]:
         """(array, chunk index, file) of every chunk of the cache."""
@@ -246,3 +257,23 @@ def _decode_hidden(storage_dtype: str, raw: np.ndarray, scale: np.ndarray | None
     return raw.astype(np.float32) * scale[:, None]
 
 
+def chunk_problems(path: Path, schema: CacheSchema, sidecar: Sidecar | None) -> list[str]:
+    """Chunk files of the cache at `path` that are missing or have another size than recorded
+    (a stat each). Without a `sidecar` (a cache from before checksums) only files that exist
+    are checked, against the size every chunk has: a missing one may be all fill value."""
+    problems = []
+    for name, _, rel in schema.chunk_files():
+        if sidecar is None:
+            try:
+                size = (path / rel).stat().st_size
+            except FileNotFoundError:
+                continue
+            problem = f"{rel}: {size} bytes, a chunk has {schema.chunk_bytes(name)}" \
+                if size != schema.chunk_bytes(name) else None
+        elif rel in sidecar.files or rel in sidecar.absent:
+            problem = check_file(path / rel, rel, sidecar.entry(rel), checksum=False)
+        else:
+            problem = f"{rel}: no checksum recorded in {SIDECAR}"
+        if problem:
+            problems.append(problem)
+    return problems
