@@ -256,7 +256,7 @@ def test_sections_that_contradict_each_other_are_all_listed():
 
 def test_preflight_loads_neither_torch_nor_prefect_and_takes_a_second():
     code = ("import sys, time; t = time.perf_counter(); from flows.preflight import preflight_run; "
-            "preflight_run(None, []); print(time.perf_counter() - t, "
+            "preflight_run(None, [], 'pipeline'); print(time.perf_counter() - t, "
             "sorted(m for m in ('torch', 'transformers', 'prefect', 'zarr') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     seconds, loaded = out.stdout.split(" ", 1)
