@@ -126,7 +126,7 @@ def _acquire(fd: int, path: Path, stage: str, key: str, timeout: float | None, h
     if _try_lock(fd):
         return
     t0 = time.monotonic()
-    log.info("waiting for another run building %s %s (%s); it resumes here when that run publishes",
+    log.info("waiting for another run building %s %s (%s); this run goes on when that one publishes or stops",
              stage, key[:12], _holder(path))
     next_beat = t0 + heartbeat_s
     while not _try_lock(fd):
