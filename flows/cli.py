@@ -165,9 +165,8 @@ def _start_server(root: str | None, cleanup: contextlib.ExitStack):
     if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None
     from flows.server_process import TemporaryServer, drain_prefect_clients
-    from stores.artifacts import default_root
 
-    server = TemporaryServer(os.environ.get("PREFECT_HOME") or Path(root or default_root()) / "prefect")
+    server = TemporaryServer()  # on PREFECT_HOME's database, as Prefect's own temporary server
     os.environ["PREFECT_API_URL"] = server.start()
     # A local child that refuses connections is gone, not flaky: fail in seconds, not minutes of retries.
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")

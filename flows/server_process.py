@@ -15,8 +15,9 @@ and background services, as Prefect's own temporary server runs it) so that:
   is set before Prefect is imported: Prefect reads its settings once), and the CLI waits for
   ``/api/health`` only when the flow is about to start.
 
-The database is SQLite under ``PREFECT_HOME`` (the caller's, or the artifact root's
-``prefect`` folder: the one ``exitflow serve`` uses, so its UI later shows these runs too).
+The database is SQLite under ``PREFECT_HOME`` (``~/.prefect`` unless set), the one Prefect's
+own temporary server would use: it exists after the first run, and a new one costs ~10 s of
+migrations.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class TemporaryServer:
     """Prefect's API server as a child of this process, started by :meth:`start` and ended by
     :meth:`stop` (also when this process dies without calling it)."""
 
-    def __init__(self, home: str | Path, host: str = "127.0.0.1", port: int | None = None):
-        self.home = Path(home)
+    def __init__(self, home: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None):
+        self.home = Path(home) if home else None
         self.host = host
         self.port = port or free_port(host)
         self.proc: subprocess.Popen | None = None
@@ -69,9 +70,11 @@ class TemporaryServer:
         """Launch the server (returns at once with its API URL; :meth:`wait_ready` waits)."""
         # Located, not imported: Prefect reads its settings (PREFECT_API_URL) at import.
         prefect_dir = Path(importlib.util.find_spec("prefect").origin).resolve().parent.parent
-        self.home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-        env.update(PREFECT_HOME=str(self.home), PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1",
+        if self.home is not None:
+            self.home.mkdir(parents=True, exist_ok=True)
+            env["PREFECT_HOME"] = str(self.home)
+        env.update(PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1",
                    PREFECT__SERVER_FINAL="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
         cmd = [sys.executable, str(CHILD_SCRIPT), str(os.getpid()), "--app-dir", str(prefect_dir), "--factory",
                "prefect.server.api.server:create_app", "--host", self.host, "--port", str(self.port),
@@ -107,9 +110,9 @@ class TemporaryServer:
                 time.sleep(0.1)
         tail = self._tail()
         self.stop()
-        raise ServerStartError(f"the temporary Prefect server (PREFECT_HOME={self.home}) {problem}; its output "
-                               f"ends:\n{tail}\nStart one with `exitflow serve`, or point PREFECT_API_URL at one, "
-                               "and run again")
+        home = self.home or os.environ.get("PREFECT_HOME") or "~/.prefect"
+        raise ServerStartError(f"the temporary Prefect server (PREFECT_HOME={home}) {problem}; its output ends:\n"
+                               f"{tail}\nStart one with `exitflow serve`, or point PREFECT_API_URL at one, and run again")
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, up to ``timeout`` seconds, then SIGKILL; idempotent."""
