@@ -13,7 +13,7 @@ PORT ?= 4200
 REPORT_PORT ?= 4201
 ROOT ?= $(or $(EXITFLOW_HOME),.exitflow)
 
-.PHONY: setup demo test test-all test-gpu browser serve stop bench bench-extract bench-train bench-decode bench-ternary bench-cached clean help
+.PHONY: setup demo test test-all test-gpu browser serve stop bench bench-extract bench-train bench-decode bench-ternary bench-cached bench-checksums clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -66,7 +66,10 @@ bench-ternary: setup  ## packed ternary vs float32 vocabulary head: latency, mem
 bench-cached: setup  ## a fully cached `exitflow run pipeline`: temporary vs served Prefect server, vs the import floor (ROOT=dir)
 	$(PY) benchmarks/bench_cached.py --root $(ROOT)
 
-bench: bench-extract bench-train bench-decode bench-ternary bench-cached  ## all benchmarks
+bench-checksums: setup  ## what the chunk checksums cost the cache writer and reader (CRC-32 vs sha256 vs blake2b)
+	$(PY) benchmarks/bench_checksums.py
+
+bench: bench-extract bench-train bench-decode bench-ternary bench-cached bench-checksums  ## all benchmarks
 
 clean:  ## remove the venv and the default artifact root
 	rm -rf $(VENV) .exitflow
