@@ -5,7 +5,8 @@ stage's content key, one Prefect task call per stage and the server those calls 
 Variants, alternated per repeat so machine noise hits all:
 
 - imports: `python -c "import flows.dag"` (the floor every run pays; the baseline of the ratios);
-- temporary server: `exitflow run pipeline` with no server running (Prefect starts one per run);
+- temporary server: `exitflow run pipeline` with no server running (the CLI starts one per run, as a
+  child process it controls, while it imports and plans; flows/server_process.py);
 - served: the same with `exitflow serve` running for the root (the CLI reuses its server).
 
 Run it on a root the pipeline already filled (`make demo`); a warm-up run fills what is missing.

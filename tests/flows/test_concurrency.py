@@ -30,7 +30,7 @@ def _assert_one_artifact(root, key: str) -> None:
 def test_two_cli_runs_of_the_same_extract_build_it_once(tmp_path, tiny_model_dir, long_corpus, migrated_prefect_home,
                                                          procs):
     root = tmp_path / "root"
-    ov = extract_overrides(tiny_model_dir, long_corpus, max_tokens=16384)
+    ov = extract_overrides(tiny_model_dir, long_corpus, max_tokens=8192)
     runs = [procs.start(cli_cmd(root, ov), cli_env(migrated_prefect_home), f"run{i}") for i in range(2)]
     for run in runs:
         assert run.wait(timeout=300) == 0, output(run)[-3000:]
