@@ -38,7 +38,7 @@ artifact root: ./.exitflow, or $EXITFLOW_HOME, or --root
 _USER_ERRORS = (("pipeline.config", "ConfigError"), ("pipeline.model_files", "BackboneError"),
                 ("pipeline.data", "DataError"), ("stores.cache_format", "CacheError"), ("stores.artifacts", "StoreError"),
                 ("flows.stages.base", "InputMismatch"), ("pipeline.thresholds", "CalibrationError"),
-                ("pipeline.fit", "TrainingDiverged"))
+                ("pipeline.fit", "TrainingDiverged"), ("flows.server_process", "ServerStartError"))
 """(module, class) of each error that means "change the input": reported as one line."""
 
 
