@@ -24,7 +24,10 @@ def _orphaned() -> None:
 
 
 def _watch_parent_pipe() -> None:
-    sys.stdin.buffer.read()  # returns at EOF: the parent closed its end, or died
+    # os.read, not sys.stdin: a daemon thread blocked in a buffered read aborts the interpreter's
+    # exit ("could not acquire lock for <stdin>") when uvicorn ends first.
+    while os.read(0, 4096):  # b"" at EOF: the parent closed its end, or died
+        pass
     _orphaned()
 
 
