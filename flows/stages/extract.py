@@ -89,7 +89,10 @@ class ExtractStage(Stage):
         seq_len = cfg.data.seq_len
         n_seq = packed.input_ids.shape[0]
         if cfg.extract.max_tokens is not None:
-            n_seq = max(1, min(n_seq, cfg.extract.max_tokens // seq_len))
+            if cfg.extract.max_tokens < seq_len:  # the preflight says so first; a direct call must not exceed the cap
+                raise InputMismatch(f"extract.max_tokens={cfg.extract.max_tokens} is less than one sequence of "
+                                    f"data.seq_len={seq_len}; raise extract.max_tokens or lower data.seq_len")
+            n_seq = min(n_seq, cfg.extract.max_tokens // seq_len)
         schema = CacheSchema(num_tokens=n_seq * seq_len, hidden_size=backbone.hidden_size,
                              layers=tuple(cfg.extract.layers), storage_dtype=cfg.extract.storage_dtype,
                              chunk_rows=chunk_rows_for(seq_len, cfg.extract.chunk_tokens))

@@ -276,3 +276,16 @@ def test_a_second_plan_remembers_the_packed_split_and_builds_from_it(tmp_path, t
     assert plan_extract(cfg, store).key == first.key and len(loads) == 2  # re-packed, same tokens
     (corpus / "doc000.txt").write_text((corpus / "doc000.txt").read_text() + " changed")
     assert plan_extract(cfg, store).key != first.key and len(loads) == 2  # same tokenizer, in-process
+
+
+def test_max_tokens_is_a_cap_the_stage_never_exceeds(tmp_path, tiny_model_dir, corpus_dir):
+    """Caches hold whole sequences: a cap under one sequence is refused (it used to cache one
+    whole sequence, more than asked), a larger one rounds down."""
+    from flows.stages.base import InputMismatch
+
+    store = ArtifactStore(tmp_path / "root")
+    with pytest.raises(InputMismatch, match=r"extract.max_tokens=16 is less than one sequence of data.seq_len=32"):
+        run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.max_tokens=16"), store)
+    assert not list(store.iter_manifests())
+    key = run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.max_tokens=100"), store)
+    assert store.manifest("extract", key).metrics["tokens"] == 96  # three sequences of 32, not four
