@@ -333,19 +333,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import ServeError, start, status, stop
+    from flows.serve import run_command
 
-    try:
-        if args.command == "serve":
-            start(args.root, host=args.host, port=args.port, report_port=args.report_port, timeout=args.timeout)
-        elif args.command == "stop":
-            stop(args.root)
-        else:
-            status(args.root)
-    except ServeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if args.command != "serve":
+        return run_command(args.command, args.root)
+    return run_command("serve", args.root, host=args.host, port=args.port, report_port=args.report_port,
+                       timeout=args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -413,13 +413,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-port", type=int, default=4201, help="port of the HTML report server")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds allowed to each start-up step")
     args = p.parse_args(argv)
+    return run_command(args.command, args.root, host=args.host, port=args.port, report_port=args.report_port,
+                       timeout=args.timeout)
+
+
+def run_command(command: str, root: str | Path | None, host: str = "127.0.0.1", port: int = 4200,
+                report_port: int = 4201, timeout: float = 180.0) -> int:
+    """`start` (or `serve`), `stop` or `status` for a command line; a ServeError is one line, exit 1."""
     try:
-        if args.command == "start":
-            start(args.root, host=args.host, port=args.port, report_port=args.report_port, timeout=args.timeout)
-        elif args.command == "stop":
-            stop(args.root)
+        if command in ("start", "serve"):
+            start(root, host=host, port=port, report_port=report_port, timeout=timeout)
+        elif command == "stop":
+            stop(root)
         else:
-            status(args.root)
+            status(root)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
