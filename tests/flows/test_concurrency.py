@@ -38,8 +38,10 @@ def test_two_cli_runs_of_the_same_extract_build_it_once(tmp_path, tiny_model_dir
     keys = {line.split()[1] for out in outs for line in out.splitlines() if line.startswith("train_cache")}
     assert len(keys) == 1
     key = keys.pop()
-    assert sum(WAITED in out for out in outs) == 1, "one run builds, the other waits for it"
-    assert sum("extract: published" in out for out in outs) == 1
+    assert sum("extract: published" in out for out in outs) == 1, "one run builds"
+    (other,) = [out for out in outs if "extract: published" not in out]
+    # the other waited for the lock, or (started later than the build took) found the artifact published
+    assert WAITED in other or "extract: cache hit" in other, other[-3000:]
     _assert_one_artifact(root, key)
     single, single_key = _single_run(tmp_path, ov)
     assert single_key == key
