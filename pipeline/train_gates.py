@@ -249,3 +249,15 @@ def train_gates(cfg: GatesConfig, heads: nn.ModuleDict, layers: Sequence[int], n
     return GatesResult(state=state, epochs=gate_epoch_metrics(fit.history), steps=fit.steps, auroc=gate_auroc,
                        entropy_auroc=entropy_auroc, heldout_rows=labels.held.n,
                        resumed_from_epoch=fit.resumed_from_epoch)
+
+
+def gates_below_entropy(gate_auroc: dict[int, float], entropy_auroc: dict[int, float]) -> list[dict]:
+    """The heads whose gate ranks tokens worse than the head's own entropy (a free statistic):
+    ``[{"head", "gate_auroc", "entropy_auroc"}]``, by layer. A NaN AUROC (one class) is no verdict."""
+    rows = []
+    for layer in sorted(gate_auroc):
+        g, e = gate_auroc[layer], entropy_auroc.get(layer, float("nan"))
+        if g == g and e == e and g < e:  # NaN != NaN
+            rows.append({"head": layer, "gate_auroc": round(float(g), 4), "entropy_auroc": round(float(e), 4)})
+    return rows
+

@@ -20,7 +20,7 @@ from pipeline.config import GatesConfig, canonical
 from pipeline.gates import load_gates
 from pipeline.scoring import evaluate_gates
 from pipeline.teacher import TeacherWeights
-from pipeline.train_gates import GATES_CODE_VERSION, train_gates
+from pipeline.train_gates import GATES_CODE_VERSION, gates_below_entropy, train_gates
 from stores.artifacts import ArtifactStore
 from stores.checkpoints import FileCheckpoints
 from stores.files import load_tensors, save_tensors
@@ -55,12 +55,20 @@ class TrainGatesStage(Stage):
         metrics = {"steps": result.steps, "resumed_from_epoch": result.resumed_from_epoch,
                    "heldout_auroc": to_plain(result.auroc),
                    "heldout_entropy_auroc": to_plain(result.entropy_auroc), "epochs": to_plain(result.epochs)}
+        gate_auc, entropy_auc, where = result.auroc, result.entropy_auroc, "held-out train"
         if "eval_cache" in plan.inputs:
             gates = load_gates(ctx.cfg.gates, teacher, result.state)
             evals = evaluate_gates(heads, gates, teacher, open_cache(store, plan.inputs["eval_cache"]))
             for layer, ev in evals.items():
                 log.info("gate %d: eval AUROC %s vs entropy %s", layer, ev.gate_auroc, ev.entropy_auroc)
             metrics["eval"] = to_plain(evals)
+            gate_auc, entropy_auc, where = ({layer: ev.gate_auroc for layer, ev in evals.items()},
+                                            {layer: ev.entropy_auroc for layer, ev in evals.items()}, "eval")
+        metrics["below_entropy"] = gates_below_entropy(gate_auc, entropy_auc)
+        for row in metrics["below_entropy"]:
+            log.warning("gate %d ranks tokens worse than its head's entropy on %s tokens: AUROC %.3f vs %.3f; "
+                        "the entropy threshold is the better exit rule for this head", row["head"], where,
+                        row["gate_auroc"], row["entropy_auroc"])
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # the published weights supersede them
         return Built(metrics, {"layers": layers})
 

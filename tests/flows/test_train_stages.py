@@ -59,6 +59,9 @@ def test_artifacts_carry_metrics_and_inputs(trained):
     assert not (store.path("train_heads", keys["heads"]) / "checkpoints").exists()
     gates = store.manifest("train_gates", keys["gates"])
     assert set(gates.metrics["eval"]) == {"1", "2", "3"}
+    below = {(str(r["head"]), r["gate_auroc"], r["entropy_auroc"]) for r in gates.metrics["below_entropy"]}
+    assert below == {(layer, round(ev["gate_auroc"], 4), round(ev["entropy_auroc"], 4))
+                     for layer, ev in gates.metrics["eval"].items() if ev["gate_auroc"] < ev["entropy_auroc"]}
     cal = json.loads((store.path("calibrate", keys["calibration"]) / "calibration.json").read_text())
     assert cal["levels"] == [0.5, 0.8] and set(cal["heads"]) == {"1", "2", "3"}
     for entry in cal["heads"].values():

@@ -99,3 +99,13 @@ def test_online_training_and_gates_run_end_to_end(tiny):
     gates = train_gates(GatesConfig(epochs=1, batch_tokens=256), heads, [1, 3], 4, tiny.teacher, online,
                         progress=False)
     assert set(gates.auroc) == {1, 3} and gates.steps == 4
+
+
+def test_gates_below_their_heads_entropy_are_named_with_both_numbers():
+    from pipeline.train_gates import gates_below_entropy
+
+    rows = gates_below_entropy({6: 0.73, 12: 0.80, 18: float("nan"), 24: 0.70},
+                               {6: 0.76, 12: 0.77, 18: 0.75, 24: 0.79})
+    assert rows == [{"head": 6, "gate_auroc": 0.73, "entropy_auroc": 0.76},
+                    {"head": 24, "gate_auroc": 0.7, "entropy_auroc": 0.79}]
+    assert gates_below_entropy({6: 0.9}, {6: 0.8}) == []
