@@ -49,12 +49,16 @@ class ContentKey(CachePolicy):
 
 CONTENT_KEY = ContentKey()
 
+TASK_RESULTS = "task-results"
+"""Where Prefect keeps each stage task's cached result (the artifact key) under the root, as
+JSON: nothing in the artifact root is ever unpickled (Prefect's default serializer pickles)."""
+
 _PLANNED: dict[str, Plan] = {}
 """Plans made by the flow in this process, handed to the task so it does not plan again (an
 extract plan tokenizes the corpus). A task in another process plans again: same key."""
 
 
-@task(name="stage", cache_policy=CONTENT_KEY, persist_result=True)
+@task(name="stage", cache_policy=CONTENT_KEY, persist_result=True, result_serializer="json")
 def stage_task(stage: str, params: dict, key: str, config: dict, root: str, inputs: dict[str, str | None]) -> str:
     ctx = StageContext(Config.model_validate(config), ArtifactStore(root))
     with watch_progress(UiProgress(stage)):
@@ -138,7 +142,7 @@ def submit(stage: Stage, ctx: StageContext, inputs: dict[str, str | None]) -> st
     try:
         return stage_task.with_options(
             name=stage.name, task_run_name=label,
-            result_storage=Path(ctx.store.root).resolve() / "prefect-results",
+            result_storage=Path(ctx.store.root).resolve() / TASK_RESULTS,
             refresh_cache=not ctx.store.exists(stage.name, plan.key),
         )(stage=stage.name, params=stage.params, key=plan.key, config=ctx.cfg.model_dump(mode="json"),
           root=str(ctx.store.root), inputs=inputs)

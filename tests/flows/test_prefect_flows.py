@@ -3,6 +3,7 @@ refresh when an artifact was deleted, and the CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -61,6 +62,8 @@ def test_extract_flow_caches_on_content_key_and_refreshes(prefect_env, tmp_path,
     assert second.result() == keys
     states = _task_states(second.state_details.flow_run_id)
     assert sorted(states.values()) == ["Cached", "Cached"], states
+    results = list((Path(root) / "task-results").iterdir())
+    assert results and all(json.loads(p.read_text())["metadata"]["serializer"]["type"] == "json" for p in results)
     # the artifact is gone: the cached Prefect result must not hide that
     store = ArtifactStore(root)
     shutil.rmtree(store.path("extract", key))
