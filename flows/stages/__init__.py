@@ -10,13 +10,14 @@ from flows.stages.extract import ExtractStage
 from flows.stages.quantize import QuantizeStage
 from flows.stages.recalibrate import RecalibrateStage
 from flows.stages.report import ReportStage
+from flows.stages.teacher import TeacherStage
 from flows.stages.teacher_topk import TeacherTopkStage
 from flows.stages.train_gates import TrainGatesStage
 from flows.stages.train_heads import TrainHeadsStage
 
 STAGES: dict[str, type[Stage]] = {
     cls.name: cls
-    for cls in (ExtractStage, TeacherTopkStage, TrainHeadsStage, TrainGatesStage, CalibrateStage, QuantizeStage,
+    for cls in (TeacherStage, ExtractStage, TeacherTopkStage, TrainHeadsStage, TrainGatesStage, CalibrateStage, QuantizeStage,
                 EvaluateStage, RecalibrateStage, ReportStage)
 }
 """Every registered stage by name, in DAG order."""

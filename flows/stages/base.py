@@ -128,7 +128,7 @@ PRODUCED_BY = {"cache": "extract", "train_cache": "extract", "calib_cache": "ext
                   "teacher_topk": "teacher_topk", "heads": "train_heads", "gates": "train_gates",
                   "calibration": "calibrate", "previous": "calibrate", "evaluation": "evaluate",
                   "quantized": "quantize", "ternary_calibration": "calibrate", "ternary_evaluation": "evaluate",
-                  "recalibrate": "recalibrate", "report": "report"}
+                  "recalibrate": "recalibrate", "report": "report", "teacher": "teacher"}
 """The stage that produces each named input of a stage or output of a flow (``data`` is a plan
 key, not an artifact)."""
 

@@ -13,7 +13,8 @@ import functools
 import logging
 from pathlib import Path
 
-from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext
+from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext, run_stage
+from flows.stages.teacher import TEACHER_FILE, TeacherStage
 from pipeline.backbone import load_backbone, load_tokenizer, model_identity
 from pipeline.config import Config, ModelConfig, canonical
 from pipeline.data import PACK_VERSION, PackedSplit, corpus_stamp, load_corpus, pack_split
@@ -22,12 +23,11 @@ from pipeline.fingerprint import tokenizer_stamp
 from pipeline.teacher import TeacherWeights
 from stores.artifacts import ArtifactNotFound, ArtifactStore, content_key
 from stores.cache import CacheReader, CacheSchema, CacheWriter
-from stores.files import load_tensors_with_metadata, save_tensors
+from stores.files import load_tensors_with_metadata
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = "cache.zarr"
-TEACHER_FILE = "teacher.safetensors"
 SPLITS = ("train", "calib", "eval")
 PACK_MEMO = "packed-splits"
 
@@ -96,8 +96,8 @@ class ExtractStage(Stage):
         schema = CacheSchema(num_tokens=n_seq * seq_len, hidden_size=backbone.hidden_size,
                              layers=tuple(cfg.extract.layers), storage_dtype=cfg.extract.storage_dtype,
                              chunk_rows=chunk_rows_for(seq_len, cfg.extract.chunk_tokens))
-        if not (staging / TEACHER_FILE).exists():
-            save_tensors(staging / TEACHER_FILE, *backbone.teacher_weights().to_state())
+        teacher_key = run_stage(TeacherStage(backbone), ctx, {})  # once per backbone, shared by its caches
+        (staging / TEACHER_FILE).unlink(missing_ok=True)  # a copy an older version left in this staging folder
         attrs = {"key": plan.key, "seq_len": seq_len, "num_layers": backbone.num_layers,
                  "vocab_size": backbone.vocab_size, "model": plan.config["model"], "split": self.split}
         with CacheWriter(staging / CACHE_DIR, schema, attrs) as writer:
@@ -112,7 +112,8 @@ class ExtractStage(Stage):
                      "bytes_per_token_per_layer": schema.bytes_per_token_per_layer(),
                      "hidden_size": backbone.hidden_size, "num_layers": backbone.num_layers,
                      "vocab_size": backbone.vocab_size},
-            extra={"device": str(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch.")},
+            extra={"device": str(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch."),
+                   "teacher": teacher_key},
         )
 
 
@@ -137,7 +138,16 @@ def cache_path(store: ArtifactStore, key: str) -> Path:
 
 
 def teacher_path(store: ArtifactStore, key: str) -> Path:
-    return store.path(ExtractStage.name, key) / TEACHER_FILE
+    """The teacher file of cache `key`: the backbone's shared ``teacher`` artifact, or the copy
+    a cache written before teachers were shared keeps beside itself."""
+    own = store.path(ExtractStage.name, key) / TEACHER_FILE
+    if own.is_file():
+        return own
+    shared = store.manifest(ExtractStage.name, key).extra.get("teacher")
+    if not shared or not store.exists(TeacherStage.name, shared):
+        raise ArtifactNotFound(f"the teacher (final norm and LM head) of cache {key[:12]} is missing under "
+                               f"{store.root} (teacher artifact {str(shared)[:12]}); re-run the extract stage")
+    return store.path(TeacherStage.name, shared) / TEACHER_FILE
 
 
 def open_cache(store: ArtifactStore, key: str) -> CacheReader:

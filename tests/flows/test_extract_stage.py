@@ -20,7 +20,7 @@ from flows.stages.extract import ExtractStage, cache_path, load_teacher
 from pipeline.backbone import BackboneError, load_backbone
 from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError
-from stores.artifacts import ArtifactStore, StoreError
+from stores.artifacts import ArtifactNotFound, ArtifactStore, StoreError
 from stores.cache import CacheMismatchError, CacheReader
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,7 +152,7 @@ def test_resume_after_kill_equals_clean_run(tmp_path, tiny_model_dir):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     store = ArtifactStore(killed_root)
-    assert not list(store.iter_manifests()), "a killed extraction must not look complete"
+    assert not list(store.iter_manifests("extract")), "a killed extraction must not look complete"
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     key = resumed.stdout.strip().splitlines()[-1]
@@ -234,7 +234,7 @@ def test_non_finite_hidden_states_stop_the_stage(tmp_path, tiny_model_dir, corpu
     store = ArtifactStore(tmp_path)
     with pytest.raises(NonFiniteError, match="bfloat16"):
         run_extract(_cfg(tiny_model_dir, corpus_dir), store)
-    assert not list(store.iter_manifests())
+    assert not list(store.iter_manifests("extract"))  # the shared teacher may exist; no cache does
 
 
 def test_bad_config_and_root(tmp_path):
@@ -289,3 +289,30 @@ def test_max_tokens_is_a_cap_the_stage_never_exceeds(tmp_path, tiny_model_dir, c
     assert not list(store.iter_manifests())
     key = run_extract(_cfg(tiny_model_dir, corpus_dir, "extract.max_tokens=100"), store)
     assert store.manifest("extract", key).metrics["tokens"] == 96  # three sequences of 32, not four
+
+
+def test_the_lm_head_is_stored_once_per_backbone_and_old_caches_still_read(tmp_path, tiny_model_dir, corpus_dir):
+    """Every split's cache references one `teacher` artifact (final norm + LM head) instead of
+    a copy each; a cache written with its own copy (before teachers were shared) still reads."""
+    import shutil
+
+    from flows.stages.extract import load_teacher, teacher_path
+    from flows.stages.teacher import TEACHER_FILE
+
+    store = ArtifactStore(tmp_path / "root")
+    cfg = _cfg(tiny_model_dir, corpus_dir)
+    keys = [run_extract(cfg, store, split) for split in ("train", "calib", "eval")]
+    teachers = {store.manifest("extract", k).extra["teacher"] for k in keys}
+    assert len(teachers) == 1 and [m.key for m in store.iter_manifests("teacher")] == list(teachers)
+    assert not any((store.path("extract", k) / TEACHER_FILE).exists() for k in keys)
+    backbone = load_backbone(cfg.model)
+    want = backbone.teacher_weights()
+    for k in keys:
+        got = load_teacher(store, k)
+        assert torch.equal(got.lm_head, want.lm_head) and torch.equal(got.final_norm, want.final_norm)
+    # the layout of older caches: their own copy, no teacher artifact
+    shutil.copy(teacher_path(store, keys[0]), store.path("extract", keys[0]) / TEACHER_FILE)
+    shutil.rmtree(store.path("teacher", teachers.pop()))
+    assert torch.equal(load_teacher(store, keys[0]).lm_head, want.lm_head)
+    with pytest.raises(ArtifactNotFound, match="re-run the extract stage"):
+        load_teacher(store, keys[1])

@@ -153,10 +153,10 @@ def test_every_registered_stage_plans_its_key_without_loading_a_model(trained, m
     monkeypatch.setattr("flows.stages.extract.load_backbone", no_model)
     monkeypatch.setattr("flows.stages.train_heads.load_backbone", no_model)
     cfg, store, keys = trained
-    assert list(STAGES) == ["extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "quantize",
+    assert list(STAGES) == ["teacher", "extract", "teacher_topk", "train_heads", "train_gates", "calibrate", "quantize",
                             "evaluate", "recalibrate", "report"]
     inputs = {
-        "extract": {}, "teacher_topk": {"cache": keys["train"]},
+        "teacher": {}, "extract": {}, "teacher_topk": {"cache": keys["train"]},
         "train_heads": {"cache": keys["train"], "teacher_topk": keys["teacher_topk"], "eval_cache": keys["eval"]},
         "train_gates": {"cache": keys["train"], "heads": keys["heads"], "eval_cache": keys["eval"]},
         "calibrate": {"calib_cache": keys["calib"], "heads": keys["heads"], "gates": keys["gates"],
@@ -169,7 +169,8 @@ def test_every_registered_stage_plans_its_key_without_loading_a_model(trained, m
         "report": {"heads": keys["heads"], "calibration": keys["calibration"], "eval_cache": keys["eval"]},
     }
     existing = {"extract": keys["train"], "teacher_topk": keys["teacher_topk"], "train_heads": keys["heads"],
-                "train_gates": keys["gates"], "calibrate": keys["calibration"]}
+                "train_gates": keys["gates"], "calibrate": keys["calibration"],
+                "teacher": store.manifest("extract", keys["train"]).extra["teacher"]}
     for name, cls in STAGES.items():
         stage = make_stage(name, **({"split": "train"} if name == "extract" else {}))
         plan = _plan(stage, cfg, store, **inputs[name])
