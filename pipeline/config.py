@@ -91,6 +91,10 @@ class ExtractConfig(_Section):
     """Target rows per zarr chunk; rounded to a whole number of sequences."""
     max_tokens: int | None = Field(None, gt=0)
     """Extract at most this many tokens of the split (whole sequences); for quick runs."""
+    workers: int = Field(1, ge=1)
+    """Above 1: shard the split over a Dask LocalCluster of this many single-threaded worker processes."""
+    cluster: str | None = None
+    """Address of a running Dask scheduler (e.g. tcp://host:8786) to shard over its workers instead."""
 
     @field_validator("layers")
     @classmethod
