@@ -7,6 +7,10 @@ Layout under the root (``./.exitflow``, ``$EXITFLOW_HOME`` or ``--root``)::
     pointers/<name>.json              named pointers (``current`` calibration, ``latest`` run)
     hashes.json                       memo of weight-file hashes keyed by path, size and mtime
 
+The root may also be a URL of any fsspec filesystem (``s3://bucket/exitflow``): artifacts and
+pointers then live there, committed by writing each manifest last, and everything else in a
+local mirror folder (:mod:`stores.remote`); ``file://`` URLs are local folders.
+
 A key folder under ``artifacts/`` exists only once its stage finished: stages write into
 ``staging/`` and :meth:`ArtifactStore.publish` renames the folder into place, so nothing
 incomplete ever looks complete, whatever kills the process.
@@ -31,16 +35,16 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from stores.files import file_sha256, write_json_atomic
-from stores.integrity import describe_files, summarize, verify_files
+from stores.integrity import describe_files, verify_files
+from stores.manifests import MANIFEST, BrokenArtifact, Manifest, Verification, manifest_problem
+from stores.remote import RemoteError, RemoteRoot, adopt_staged, is_remote, local_path, mirror_folder
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 POINTERS = ("current", "latest")
 """Pointer names a config may give instead of an artifact key: the calibration in service, and
 the last full pipeline run."""
@@ -93,77 +97,6 @@ def content_key(stage: str, code_version: str, config: dict, inputs: dict[str, s
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-@dataclass
-class Manifest:
-    stage: str
-    key: str
-    config: dict
-    inputs: dict[str, str]
-    code_version: str
-    created: str = ""
-    metrics: dict = field(default_factory=dict)
-    files: dict[str, dict] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
-
-
-@dataclass(frozen=True)
-class BrokenArtifact:
-    """A key folder under ``artifacts/`` whose manifest is missing or unreadable."""
-
-    stage: str
-    key: str
-    path: Path
-    reason: str
-
-    @property
-    def created(self) -> str:
-        """When the folder last changed (the manifest that would say is what is broken)."""
-        try:
-            return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.path.stat().st_mtime))
-        except OSError:
-            return "?"
-
-    def message(self) -> str:
-        k = self.key[:16]
-        return (f"{self.stage} artifact {k} at {self.path} is broken: {self.reason}. `exitflow verify {k}` checks "
-                f"it; to repair, delete it (`exitflow verify {k} --delete`) and re-run the {self.stage} stage")
-
-
-@dataclass
-class Verification:
-    """What :meth:`ArtifactStore.verify` found: problems (each naming a file), and files it could
-    only check by size because they were written before checksums were recorded."""
-
-    stage: str
-    key: str
-    problems: list[str] = field(default_factory=list)
-    unverified: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        """The problems on one line (the first few named, the rest counted)."""
-        return summarize(self.problems)
-
-    def line(self) -> str:
-        """One line for a person: ok / broken, and what."""
-        head = f"{self.stage:12s} {self.key[:16]}"
-        if self.problems:
-            return f"BROKEN  {head}  {self.summary()}"
-        note = f"  (sizes only, written before checksums: {summarize(self.unverified)})" if self.unverified else ""
-        return f"ok      {head}{note}"
-
-
 class ArtifactStore:
     """All artifact bytes on disk go through here.
 
@@ -173,7 +106,12 @@ class ArtifactStore:
     """
 
     def __init__(self, root: str | Path | None = None, writable: bool = True):
-        self.root = Path(root) if root is not None else default_root()
+        root = root if root is not None else os.environ.get("EXITFLOW_HOME", ".exitflow")
+        self.remote = RemoteRoot(str(root)) if is_remote(root) else None
+        self.root = mirror_folder(self.remote.url) if self.remote else local_path(root)
+        """The local folder: the root itself, or a remote root's mirror (staging, locks, memos)."""
+        self.location = self.remote.url if self.remote else str(self.root)
+        """The root as a person gave it (a folder or a URL): what messages name."""
         self.writable = writable
         self._write_error: str | None = None
         self._probed = False
@@ -208,6 +146,14 @@ class ArtifactStore:
 
     # -- locations ---------------------------------------------------------------------------
     def path(self, stage: str, key: str) -> Path:
+        """The artifact's local folder; on a remote root its mirror copy, downloaded (and
+        checked against its manifest) on first use."""
+        folder = self._folder(stage, key)
+        if self.remote is not None:
+            self.remote.fetch(stage, key, folder, self.root / "staging")
+        return folder
+
+    def _folder(self, stage: str, key: str) -> Path:
         return self.root / "artifacts" / check_stage(stage) / check_key(key)
 
     def staging(self, stage: str, key: str) -> Path:
@@ -229,18 +175,24 @@ class ArtifactStore:
     def _load(self, stage: str, key: str) -> Manifest | BrokenArtifact | None:
         """The artifact's manifest; a BrokenArtifact when its folder has no readable one; None
         when there is no folder."""
-        folder = self.path(stage, key)
-        if not folder.is_dir():
-            return None
+        folder = self._folder(stage, key)
         try:
-            data = json.loads((folder / MANIFEST).read_text())
+            if self.remote is not None:  # objects without a manifest are a publish cut short: not there
+                raw = self.remote.read(f"{RemoteRoot.artifact(stage, key)}/{MANIFEST}")
+                if raw is None:
+                    return None
+            elif not folder.is_dir():
+                return None
+            else:
+                raw = (folder / MANIFEST).read_bytes()
+            data = json.loads(raw)
         except FileNotFoundError:
             return BrokenArtifact(stage, key, folder, f"{MANIFEST} is missing")
         except OSError as e:
             return BrokenArtifact(stage, key, folder, f"{MANIFEST} cannot be read ({e.strerror or e})")
         except ValueError as e:
             return BrokenArtifact(stage, key, folder, f"{MANIFEST} is not JSON ({e})")
-        problem = _manifest_problem(data)
+        problem = manifest_problem(data)
         if problem is None and (data["stage"], data["key"]) != (stage, key):
             problem = f"it names {data['stage']}/{str(data['key'])[:16]}, not this folder"
         if problem:
@@ -249,12 +201,13 @@ class ArtifactStore:
 
     # -- publishing --------------------------------------------------------------------------
     def publish(self, manifest: Manifest) -> Path:
-        """Finish a staged artifact: hash its files, write the manifest, rename into place.
+        """Finish a staged artifact: hash its files, write the manifest, rename into place (on a
+        remote root: upload, manifest last, see :mod:`stores.remote`).
 
         A complete artifact already under the key (another run finished first: same key, same
         content) is kept; a broken one (no readable manifest) is replaced."""
         self._require_writable()
-        dst = self.path(manifest.stage, manifest.key)
+        dst = self._folder(manifest.stage, manifest.key)
         src = self.root / "staging" / manifest.stage / manifest.key
         if not src.is_dir():
             raise StoreError(f"nothing staged for {manifest.stage}/{manifest.key} at {src}")
@@ -263,6 +216,8 @@ class ArtifactStore:
             stray.unlink(missing_ok=True)
         manifest.files = describe_files(src, skip=(MANIFEST,))
         write_json_atomic(src / MANIFEST, manifest.to_dict())
+        if self.remote is not None:
+            return self._publish_remote(manifest, src, dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if self.exists(manifest.stage, manifest.key):
             shutil.rmtree(src, ignore_errors=True)
@@ -277,6 +232,18 @@ class ArtifactStore:
             if not self.exists(manifest.stage, manifest.key):  # not another run that finished meanwhile
                 raise
             shutil.rmtree(src, ignore_errors=True)
+        return dst
+
+    def _publish_remote(self, manifest: Manifest, src: Path, dst: Path) -> Path:
+        """No rename on an object store: upload the files, then the manifest (the commit); the
+        staged folder becomes the mirror's copy. When another run committed the key first, its
+        artifact is kept and fetched on first use."""
+        if self.exists(manifest.stage, manifest.key):
+            shutil.rmtree(src, ignore_errors=True)
+            return dst
+        committed = self.remote.upload(src, manifest.stage, manifest.key, manifest.to_dict())
+        write_json_atomic(src / MANIFEST, committed)
+        adopt_staged(src, dst)
         return dst
 
     def _remove(self, folder: Path) -> None:
@@ -295,7 +262,9 @@ class ArtifactStore:
 
     def delete(self, stage: str, key: str) -> None:
         self._require_writable()
-        self._remove(self.path(stage, key))
+        if self.remote is not None:
+            self.remote.delete(stage, key)
+        self._remove(self._folder(stage, key))
 
     # -- reading -----------------------------------------------------------------------------
     def manifest(self, stage: str, key: str) -> Manifest:
@@ -303,24 +272,29 @@ class ArtifactStore:
         ArtifactBroken (naming `exitflow verify`) when its folder has no readable manifest."""
         found = self._load(stage, key)
         if found is None:
-            raise ArtifactNotFound(f"no {stage} artifact with key {key} under {self.root}")
+            raise ArtifactNotFound(f"no {stage} artifact with key {key} under {self.location}")
         if isinstance(found, BrokenArtifact):
             raise ArtifactBroken(found.message())
         return found
 
     def listing(self, stage: str | None = None) -> Iterator[Manifest | BrokenArtifact]:
         """Every artifact under the root (of `stage`), broken ones included, by stage and key."""
-        base = self.root / "artifacts"
         if stage is not None:
             stages = [check_stage(stage)]
         else:
-            stages = sorted(p.name for p in base.glob("*") if p.is_dir() and _STAGE.fullmatch(p.name))
+            stages = [s for s in self._folders("artifacts") if _STAGE.fullmatch(s)]
         for s in stages:
-            for d in sorted((base / s).glob("*")):
-                if d.is_dir() and _KEY.fullmatch(d.name):
-                    found = self._load(s, d.name)
+            for key in self._folders(f"artifacts/{s}"):
+                if _KEY.fullmatch(key):
+                    found = self._load(s, key)
                     if found is not None:
                         yield found
+
+    def _folders(self, rel: str) -> list[str]:
+        """The names of the folders under `rel` (a remote root: of the objects' prefixes)."""
+        if self.remote is not None:
+            return self.remote.names(rel)
+        return sorted(p.name for p in (self.root / rel).glob("*") if p.is_dir())
 
     def iter_manifests(self, stage: str | None = None) -> Iterator[Manifest]:
         """The complete artifacts (of `stage`); a broken one is skipped with a warning."""
@@ -339,7 +313,7 @@ class ArtifactStore:
         check_key(key_prefix)
         hits = [a for a in self.listing(stage) if a.key.startswith(key_prefix)]
         if not hits:
-            raise ArtifactNotFound(f"no artifact key starts with {key_prefix!r} under {self.root}; `exitflow ls` lists them")
+            raise ArtifactNotFound(f"no artifact key starts with {key_prefix!r} under {self.location}; `exitflow ls` lists them")
         if len(hits) > 1:
             shown = "\n".join(f"  {a.stage:12s} {a.key[:16]}  {a.created}" for a in hits[:10])
             more = f"\n  ... and {len(hits) - 10} more" if len(hits) > 10 else ""
@@ -362,11 +336,20 @@ class ArtifactStore:
         out = Verification(stage, key)
         found = self._load(stage, key)
         if found is None:
-            raise ArtifactNotFound(f"no {stage} artifact with key {key} under {self.root}")
+            raise ArtifactNotFound(f"no {stage} artifact with key {key} under {self.location}")
         if isinstance(found, BrokenArtifact):
             out.problems.append(found.reason)
             return out
-        out.problems, out.unverified = verify_files(self.path(stage, key), found.files, checksums)
+        if self.remote is not None:  # each object there with its size; checksums: on a downloaded copy
+            out.problems = self.remote.check_objects(stage, key)
+            if out.problems or not checksums:
+                return out
+            try:
+                self.path(stage, key)
+            except RemoteError as e:
+                out.problems.append(str(e))
+                return out
+        out.problems, out.unverified = verify_files(self._folder(stage, key), found.files, checksums)
         return out
 
     def resolve_input(self, ref: str, name: str, stage: str) -> Manifest:
@@ -377,7 +360,7 @@ class ArtifactStore:
             return self.resolve(ref, stage)
         pointer = self.get_pointer(ref)
         if pointer is None:
-            raise ArtifactNotFound(f"inputs.{name}={ref}: there is no `{ref}` run under {self.root} yet; run the "
+            raise ArtifactNotFound(f"inputs.{name}={ref}: there is no `{ref}` run under {self.location} yet; run the "
                                    "pipeline once, or give an artifact key (`exitflow ls` lists them)")
         key = pointer.get(name)
         if key is None and pointer.get("stage") and self.exists(pointer["stage"], pointer["key"]):
@@ -391,20 +374,29 @@ class ArtifactStore:
         return self.manifest(stage, key)
 
     def size(self, stage: str, key: str) -> int:
+        if self.remote is not None:
+            return sum(self.remote.objects(RemoteRoot.artifact(stage, key)).values())
         return sum(f.stat().st_size for f in self.path(stage, key).rglob("*") if f.is_file())
 
     # -- pointers ----------------------------------------------------------------------------
     def set_pointer(self, name: str, stage: str, key: str, **info: Any) -> None:
+        """Point `name` at an artifact: one file replaced atomically, or one object put whole."""
         self._require_writable()
-        path = self.root / "pointers" / f"{check_pointer(name)}.json"
-        write_json_atomic(path, {"stage": check_stage(stage), "key": check_key(key), **info})
+        rel = f"pointers/{check_pointer(name)}.json"
+        doc = {"stage": check_stage(stage), "key": check_key(key), **info}
+        if self.remote is not None:
+            self.remote.write(rel, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
+        else:
+            write_json_atomic(self.root / rel, doc)
 
     def get_pointer(self, name: str) -> dict | None:
-        p = self.root / "pointers" / f"{check_pointer(name)}.json"
-        if not p.is_file():
-            return None
+        rel = f"pointers/{check_pointer(name)}.json"
+        p = f"{self.location}/{rel}" if self.remote is not None else self.root / rel
         try:
-            pointer = json.loads(p.read_text())
+            raw = self.remote.read(rel) if self.remote is not None else (p.read_bytes() if p.is_file() else None)
+            if raw is None:
+                return None
+            pointer = json.loads(raw)
         except (OSError, ValueError) as e:
             raise StoreError(f"pointer {p} is unreadable ({e}); delete it and run the pipeline again to set it") from None
         if not isinstance(pointer, dict):
@@ -451,14 +443,3 @@ class ArtifactStore:
             return memo[ident]
 
         return hasher
-
-
-def _manifest_problem(data: Any) -> str | None:
-    if not isinstance(data, dict):
-        return f"it holds a {type(data).__name__}, not an object"
-    missing = [k for k in ("stage", "key", "config", "inputs", "code_version") if k not in data]
-    if missing:
-        return f"it lacks {', '.join(missing)}"
-    wrong = [k for k, t in (("stage", str), ("key", str), ("config", dict), ("inputs", dict), ("files", dict),
-                            ("metrics", dict), ("extra", dict)) if k in data and not isinstance(data[k], t)]
-    return f"wrong type of {', '.join(wrong)}" if wrong else None
