@@ -38,7 +38,8 @@ artifact root: ./.exitflow, or $EXITFLOW_HOME, or --root
 _USER_ERRORS = (("pipeline.config", "ConfigError"), ("pipeline.model_files", "BackboneError"),
                 ("pipeline.data", "DataError"), ("stores.cache_format", "CacheError"), ("stores.artifacts", "StoreError"),
                 ("flows.stages.base", "InputMismatch"), ("pipeline.thresholds", "CalibrationError"),
-                ("pipeline.fit", "TrainingDiverged"), ("flows.server_process", "ServerStartError"))
+                ("pipeline.fit", "TrainingDiverged"), ("flows.server_process", "ServerStartError"),
+                ("stores.remote", "RemoteError"))
 """(module, class) of each error that means "change the input": reported as one line."""
 
 
@@ -348,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hidden-state cache; every stage is a resumable, content-addressed Prefect task.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--root", type=Path, default=None, help="artifact root (default: $EXITFLOW_HOME or ./.exitflow)")
+    p.add_argument("--root", default=None, help="artifact root: a folder or a URL (file://, s3://, gs://; default: "
+                   "$EXITFLOW_HOME or ./.exitflow)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of every error (without it a known user error is one `error:` line)")
