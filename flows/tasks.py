@@ -51,7 +51,9 @@ CONTENT_KEY = ContentKey()
 
 TASK_RESULTS = "task-results"
 """Where Prefect keeps each stage task's cached result (the artifact key) under the root, as
-JSON: nothing in the artifact root is ever unpickled (Prefect's default serializer pickles)."""
+JSON: nothing in the artifact root is ever unpickled (Prefect's default serializer pickles).
+On a remote root (a URL) they stay in its local mirror: a task that finds its cached key
+still checks that the artifact exists there (``refresh_cache``)."""
 
 _PLANNED: dict[str, Plan] = {}
 """Plans made by the flow in this process, handed to the task so it does not plan again (an
@@ -145,6 +147,6 @@ def submit(stage: Stage, ctx: StageContext, inputs: dict[str, str | None]) -> st
             result_storage=Path(ctx.store.root).resolve() / TASK_RESULTS,
             refresh_cache=not ctx.store.exists(stage.name, plan.key),
         )(stage=stage.name, params=stage.params, key=plan.key, config=ctx.cfg.model_dump(mode="json"),
-          root=str(ctx.store.root), inputs=inputs)
+          root=ctx.store.location, inputs=inputs)
     finally:
         _PLANNED.pop(plan.key, None)

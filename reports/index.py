@@ -1,6 +1,7 @@
 """The index of every report under an artifact root: ``<root>/reports/index.html``, newest
 first, each row linking to its report by a relative path, so the root can be copied or served
-as a folder and the links still work."""
+as a folder and the links still work. On a remote root (a URL) the index is written in the
+local mirror, beside the downloaded copies of the reports it links to."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _created(m: Manifest, store: ArtifactStore) -> tuple[float, int]:
 
 def report_manifests(store: ArtifactStore) -> list[Manifest]:
     """Every report artifact under the root, newest first."""
-    found = list(store.iter_manifests(REPORT_STAGE)) if (store.root / "artifacts" / REPORT_STAGE).is_dir() else []
+    found = list(store.iter_manifests(REPORT_STAGE))
     return sorted(found, key=lambda m: _created(m, store), reverse=True)
 
 
@@ -97,7 +98,7 @@ def write_index(store: ArtifactStore) -> Path:
 </head>
 <body>
 <h1>exitflow reports</h1>
-<p class="sub">{len(rows)} report{'' if len(rows) == 1 else 's'} under {html.escape(str(store.root))}, newest first</p>
+<p class="sub">{len(rows)} report{'' if len(rows) == 1 else 's'} under {html.escape(store.location)}, newest first</p>
 <div class="tablewrap">{table}</div>
 </body>
 </html>
