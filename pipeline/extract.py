@@ -11,6 +11,7 @@ forward already uses every core: a writer thread would only pre-empt torch's Ope
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -53,6 +54,22 @@ def chunk_rows_for(seq_len: int, target_rows: int) -> int:
     """Rows per chunk: a whole number of sequences close to the target, so a resumed run
     restarts on a sequence boundary."""
     return seq_len * max(1, round(target_rows / seq_len))
+
+
+def shard_sequences(n_seq: int, seq_len: int, chunk_rows: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """Split sequences [0, n_seq) into at most `shards` contiguous ranges of about equal size.
+
+    Every boundary is a whole number of chunks (so no two shards write one chunk file) and of
+    batches (so each shard runs exactly the batches a single process would, and its floats are
+    the same bits); the last range ends at `n_seq`.
+    """
+    if chunk_rows % seq_len:
+        raise ValueError(f"chunk_rows={chunk_rows} is not a whole number of {seq_len}-token sequences")
+    unit = math.lcm(chunk_rows // seq_len, batch_size)  # sequences
+    units = -(-n_seq // unit)
+    count = max(1, min(shards, units))
+    edges = [min(n_seq, unit * (units * i // count)) for i in range(count + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
 class _InlineWriter:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -38,25 +37,12 @@ import torch
 import zarr
 
 from stores.cache_format import (  # noqa: F401  (the public names of a cache live here too)
-    _STORED_DTYPE,
-    COLUMNS,
-    FORMAT,
-    PROGRESS_FILE,
-    ROW,
-    STORAGE_DTYPES,
-    CacheCorrupt,
-    CacheError,
-    CacheMismatchError,
-    CacheSchema,
-    NonFiniteError,
-    _decode_hidden,
-    _encode_column,
-    _encode_hidden,
-    _read_progress,
-    _write_progress,
-    chunk_problems,
+    _STORED_DTYPE, COLUMNS, FORMAT, PROGRESS_FILE, ROW, STORAGE_DTYPES, CacheCorrupt, CacheError,
+    CacheMismatchError, CacheSchema, NonFiniteError, _decode_hidden, _encode_column, _encode_hidden,
+    _read_progress, _write_progress, chunk_checksum, chunk_problems, done_from, done_ranges, logged_sums,
+    shard_files,
 )
-from stores.integrity import SIDECAR, ChecksumLog, Entry, IntegrityError, Sidecar, check_file, crc32_fd, summarize
+from stores.integrity import SIDECAR, ChecksumLog, Entry, IntegrityError, Sidecar, check_file, summarize
 
 log = logging.getLogger(__name__)
 _warned_unverifiable: set[str] = set()
@@ -140,20 +126,12 @@ class CacheWriter:
             log.info("cache %s: creation was interrupted; creating it again", self.path)
             self._create()
             return 0
-        theirs = CacheSchema.from_dict(stored["schema"])
-        their_key, our_key = stored.get("attrs", {}).get("key"), self.attrs.get("key")
-        if their_key != our_key or theirs != self.schema:
-            diffs = [f"{k}: stored {v!r}, this run {getattr(self.schema, k)!r}"
-                     for k, v in asdict(theirs).items() if v != getattr(self.schema, k)]
-            raise CacheMismatchError(
-                f"{self.path} belongs to other inputs: stored key {their_key!r}, this run's key {our_key!r}"
-                + (f"; schema differs ({'; '.join(diffs)})" if diffs else "")
-                + ". Delete the folder or use another cache root."
-            )
+        self._check_identity(stored)
         for name in self.schema._stored_arrays():
             if name not in self._group:
                 raise CacheError(f"{self.path} lacks array {name!r}; the cache is damaged, delete the folder")
-        rows_done = int((progress or {}).get("rows_done", 0))
+        # rows any shard of a sharded run wrote count too, as far as they join without a gap
+        rows_done = max(int((progress or {}).get("rows_done", 0)), done_from(done_ranges(self.path), 0))
         if rows_done % self.schema.chunk_rows and rows_done != self.schema.num_tokens:
             raise CacheError(f"{self.path}/{PROGRESS_FILE} says rows_done={rows_done}, not a chunk boundary "
                              f"(chunk_rows={self.schema.chunk_rows}); the cache is damaged, delete the folder")
@@ -164,30 +142,29 @@ class CacheWriter:
             log.info("cache %s: resuming at row %d of %d", self.path, rows_done, self.schema.num_tokens)
         return rows_done
 
+    def _check_identity(self, stored: dict) -> None:
+        """The folder was created for this run's key and schema; else CacheMismatchError."""
+        theirs = CacheSchema.from_dict(stored["schema"])
+        their_key, our_key = stored.get("attrs", {}).get("key"), self.attrs.get("key")
+        if their_key != our_key or theirs != self.schema:
+            diffs = [f"{k}: stored {v!r}, this run {getattr(self.schema, k)!r}"
+                     for k, v in asdict(theirs).items() if v != getattr(self.schema, k)]
+            raise CacheMismatchError(
+                f"{self.path} belongs to other inputs: stored key {their_key!r}, this run's key {our_key!r}"
+                + (f"; schema differs ({'; '.join(diffs)})" if diffs else "")
+                + ". Delete the folder or use another cache root."
+            )
+
     def _recover_sums(self) -> dict[str, Entry]:
         """The checksums of the chunks `rows_done` counts: from the log, else (a staging cache
         from before checksums were kept, or a log lost to a power cut) from the files."""
         if not self._rows_done:
             self._log.remove()
             return {}
-        logged = self._log.load()
+        logged = logged_sums(done_ranges(self.path), self.schema)  # this cache's log and its shards'
         done = -(-self._rows_done // self.schema.chunk_rows)
-        return {rel: logged[rel] if rel in logged else self._checksum_chunk(rel)
+        return {rel: logged[rel] if rel in logged else chunk_checksum(self.path, rel)
                 for _, i, rel in self.schema.chunk_files() if i < done}
-
-    def _checksum_chunk(self, rel: str, sync: bool = False) -> Entry:
-        """Size and checksum of chunk file `rel` (fsynced first with `sync`), None when zarr did
-        not store it (all fill value). Right after a write the bytes are in the page cache."""
-        try:
-            fd = os.open(self.path / rel, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            if sync:
-                os.fsync(fd)
-            return crc32_fd(fd)
-        finally:
-            os.close(fd)
 
     # -- writing
 
@@ -216,8 +193,8 @@ class CacheWriter:
             n = shape[0]
         assert n is not None
         end = self._rows_done + self._buffered + n
-        if end > self.schema.num_tokens:
-            raise CacheError(f"append to {self.path}: {end} rows would exceed num_tokens={self.schema.num_tokens}")
+        if end > self._rows_total:
+            raise CacheError(f"append to {self.path}: {end} rows would exceed {self._holds}")
         encoded: dict[str, np.ndarray] = {}
         for name in self.schema.hidden_arrays():
             encoded.update(_encode_hidden(name, rows[name], self.schema.storage_dtype))
@@ -235,7 +212,7 @@ class CacheWriter:
         n_write = self._buffered if final else (self._buffered // cr) * cr
         if n_write == 0:
             return
-        start, stop = self._rows_done, self._rows_done + n_write
+        start, stop = self._row0 + self._rows_done, self._row0 + self._rows_done + n_write
         for name, parts in self._buffer.items():
             data = parts[0] if len(parts) == 1 else np.concatenate(parts)
             self._arrays[name][start:stop] = data[:n_write]  # aligned region: whole chunks only
@@ -243,15 +220,31 @@ class CacheWriter:
             self._buffer[name] = [rest] if len(rest) else []
         self._buffered -= n_write
         self._sync_chunks(start, stop)
-        self._rows_done = stop
-        _write_progress(self.path, stop, self.schema.num_tokens, complete=False)
+        self._rows_done += n_write
+        self._save_progress(complete=False)
+
+    _row0 = 0
+    """Row of the cache where this writer's rows begin (a shard's start)."""
+
+    @property
+    def _rows_total(self) -> int:
+        """Rows this writer writes: the whole cache (a shard writer: its range)."""
+        return self.schema.num_tokens
+
+    @property
+    def _holds(self) -> str:
+        """The rows this writer holds, for messages."""
+        return f"num_tokens={self.schema.num_tokens}"
+
+    def _save_progress(self, complete: bool) -> None:
+        _write_progress(self.path, self._rows_done, self.schema.num_tokens, complete=complete)
 
     def _sync_chunks(self, start: int, stop: int) -> None:
         """Flush the chunk files of rows [start, stop) to disk and log their checksums durably,
         so that progress never counts rows a power cut could still lose, or rows without a
         checksum. (A killed process loses nothing already written.)"""
         cr = self.schema.chunk_rows
-        entries = {rel: self._checksum_chunk(rel, sync=True)
+        entries = {rel: chunk_checksum(self.path, rel, sync=True)
                    for name in self._buffer for i in range(start // cr, -(-stop // cr))
                    for rel in [self.schema.chunk_file(name, i)]}
         self._log.append(entries)
@@ -261,12 +254,13 @@ class CacheWriter:
         if self._finished:
             if not self._sealed:
                 self._seal()
+            self._remove_shard_files()  # a kill right after sealing may have left them
             return
         if self._closed:
             raise CacheError(f"cache {self.path} is closed; cannot finish")
         total = self._rows_done + self._buffered
-        if total != self.schema.num_tokens:
-            raise CacheError(f"cache {self.path}: got {total} rows, schema says num_tokens={self.schema.num_tokens}; "
+        if total != self._rows_total:
+            raise CacheError(f"cache {self.path}: got {total} rows, expected {self._holds}; "
                              "the extraction produced a different token count than planned")
         self._flush(final=True)
         self._seal()
@@ -276,11 +270,17 @@ class CacheWriter:
         """Fold the log into the sidecar, then mark the cache complete and naming it."""
         for _, _, rel in self.schema.chunk_files():
             if rel not in self._sums:  # only a cache finished before checksums were kept
-                self._sums[rel] = self._checksum_chunk(rel)
+                self._sums[rel] = chunk_checksum(self.path, rel)
         Sidecar.from_entries(self._sums).write(self.path)
         _write_progress(self.path, self._rows_done, self.schema.num_tokens, complete=True, checksums=SIDECAR)
         self._log.remove()
         self._sealed = True
+        self._remove_shard_files()
+
+    def _remove_shard_files(self) -> None:
+        """The shard records, once progress.json and checksums.json hold what they said."""
+        for p in shard_files(self.path):
+            p.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._buffered and not self._finished:

@@ -5,6 +5,7 @@ file and the names of its chunk files. :mod:`stores.cache` writes and reads cach
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from pipeline.sources import layer_key
 from stores.files import write_atomic
-from stores.integrity import SIDECAR, Sidecar, check_file
+from stores.integrity import SIDECAR, ChecksumLog, Sidecar, check_file, crc32_fd
 
 ROW = "row"
 """Pseudo-column accepted by `CacheReader.iter_batches`: the int64 global row index of each row."""
@@ -277,3 +278,110 @@ def chunk_problems(path: Path, schema: CacheSchema, sidecar: Sidecar | None) -> 
         if problem:
             problems.append(problem)
     return problems
+
+
+def chunk_checksum(path: Path, rel: str, sync: bool = False) -> tuple[int, str] | None:
+    """Size and checksum of chunk file `rel` of the cache at `path` (fsynced first with `sync`),
+    None when zarr did not store it (all fill value). Right after a write the bytes are in the
+    page cache."""
+    try:
+        fd = os.open(path / rel, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if sync:
+            os.fsync(fd)
+        return crc32_fd(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- shard records
+# A sharded extraction writes disjoint, chunk-aligned row ranges of one cache from several
+# processes. Each range keeps its own progress file and checksum log beside the cache's, so it
+# resumes alone; whoever finishes the cache folds them into progress.json and checksums.json
+# and removes them, so a finished cache looks the same however it was written.
+
+SHARD_PROGRESS = "progress.shard-{start}-{stop}.json"
+SHARD_LOG = "checksums.shard-{start}-{stop}.log"
+
+
+class NamedChecksumLog(ChecksumLog):
+    """A checksum log under another name than the cache's own (one per shard)."""
+
+    def __init__(self, folder: Path, name: str):
+        self.path = Path(folder) / name
+
+
+@dataclass(frozen=True)
+class DoneRange:
+    """Rows [start, start + rows_done) a progress record counts as durably written, and the
+    checksum log that holds their chunks' checksums."""
+
+    start: int
+    rows_done: int
+    log: ChecksumLog
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.rows_done
+
+
+def shard_files(path: Path) -> list[Path]:
+    """Every shard progress file and shard checksum log of the cache at `path`."""
+    return sorted([*path.glob("progress.shard-*.json"), *path.glob("checksums.shard-*.log")])
+
+
+def done_ranges(path: Path) -> list[DoneRange]:
+    """What the cache's own progress file and every shard's progress file count as written."""
+    out = []
+    progress = _read_progress(path)
+    if progress:
+        out.append(DoneRange(0, int(progress.get("rows_done", 0)), ChecksumLog(path)))
+    for p in path.glob("progress.shard-*.json"):
+        doc = _read_json(p)
+        start, stop = int(doc["start"]), int(doc["stop"])
+        out.append(DoneRange(start, int(doc["rows_done"]),
+                             NamedChecksumLog(path, SHARD_LOG.format(start=start, stop=stop))))
+    return out
+
+
+def done_from(ranges: list[DoneRange], start: int) -> int:
+    """Rows written without a gap from row `start` on, by any record (an aligned chunk boundary:
+    every record counts whole chunks, or runs to the end of the cache)."""
+    end, grew = start, True
+    while grew:
+        grew = False
+        for r in ranges:
+            if r.start <= end < r.stop:
+                end, grew = r.stop, True
+    return end - start
+
+
+def logged_sums(ranges: list[DoneRange], schema: CacheSchema) -> dict[str, tuple[int, str] | None]:
+    """The logged checksum of every chunk some record counts, from that record's own log (the
+    cache's own log wins where several count a chunk: its entry is the newest)."""
+    out: dict[str, tuple[int, str] | None] = {}
+    cr = schema.chunk_rows
+    for r in sorted(ranges, key=lambda r: isinstance(r.log, NamedChecksumLog), reverse=True):
+        counted = range(r.start // cr, -(-r.stop // cr))
+        logged = r.log.load()
+        for name in schema._stored_arrays():
+            for i in counted:
+                rel = schema.chunk_file(name, i)
+                if rel in logged:
+                    out[rel] = logged[rel]
+    return out
+
+
+def write_shard_progress(path: Path, start: int, stop: int, rows_done: int, complete: bool) -> None:
+    doc = {"start": start, "stop": stop, "rows_done": rows_done, "complete": complete}
+    write_atomic(path / SHARD_PROGRESS.format(start=start, stop=stop), json.dumps(doc).encode())
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:  # written atomically: only damage after the fact gets here
+        raise CacheCorrupt(f"{p} is unreadable ({e}); delete the staging folder and run the extract stage "
+                           "again") from None

@@ -13,12 +13,13 @@ import functools
 import logging
 from pathlib import Path
 
-from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext, run_stage
+from flows.shards import extract_in_shards
+from flows.stages.base import Built, InputMismatch, Plan, Stage, StageContext, run_stage, to_plain
 from flows.stages.teacher import TEACHER_FILE, TeacherStage
 from pipeline.backbone import load_backbone, load_tokenizer, model_identity
 from pipeline.config import Config, ModelConfig, canonical
 from pipeline.data import PACK_VERSION, PackedSplit, corpus_stamp, load_corpus, pack_split
-from pipeline.extract import EXTRACT_CODE_VERSION, chunk_rows_for, extract_hidden_states
+from pipeline.extract import EXTRACT_CODE_VERSION, ExtractResult, chunk_rows_for, extract_hidden_states
 from pipeline.fingerprint import tokenizer_stamp
 from pipeline.teacher import TeacherWeights
 from stores.artifacts import ArtifactNotFound, ArtifactStore, content_key
@@ -100,11 +101,16 @@ class ExtractStage(Stage):
         (staging / TEACHER_FILE).unlink(missing_ok=True)  # a copy an older version left in this staging folder
         attrs = {"key": plan.key, "seq_len": seq_len, "num_layers": backbone.num_layers,
                  "vocab_size": backbone.vocab_size, "model": plan.config["model"], "split": self.split}
-        with CacheWriter(staging / CACHE_DIR, schema, attrs) as writer:
-            result = extract_hidden_states(backbone, packed, cfg.extract.layers, writer,
-                                           batch_size=cfg.extract.batch_size, max_sequences=n_seq,
-                                           progress=ctx.progress)
-            writer.finish()
+        execution: dict = {}
+        with CacheWriter(staging / CACHE_DIR, schema, attrs) as writer:  # creates the cache, or resumes it
+            if cfg.extract.workers > 1 or cfg.extract.cluster:
+                writer.close()
+                result, execution = self._build_sharded(ctx, plan, staging / CACHE_DIR, schema, attrs, packed, n_seq)
+            else:
+                result = extract_hidden_states(backbone, packed, cfg.extract.layers, writer,
+                                               batch_size=cfg.extract.batch_size, max_sequences=n_seq,
+                                               progress=ctx.progress)
+                writer.finish()
         log.info("extract %s: %d tokens at %.0f tokens/s", self.split, schema.num_tokens, result.tokens_per_s)
         return Built(
             metrics={"tokens": schema.num_tokens, "tokens_per_s": round(result.tokens_per_s, 1),
@@ -113,8 +119,23 @@ class ExtractStage(Stage):
                      "hidden_size": backbone.hidden_size, "num_layers": backbone.num_layers,
                      "vocab_size": backbone.vocab_size},
             extra={"device": str(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch."),
-                   "teacher": teacher_key},
+                   "teacher": teacher_key, **execution},
         )
+
+    def _build_sharded(self, ctx: StageContext, plan: Plan, cache: Path, schema: CacheSchema, attrs: dict,
+                       packed: PackedSplit, n_seq: int) -> tuple[ExtractResult, dict]:
+        """Shards of the split on Dask workers into the created cache, then the cache finished
+        here, as a single writer finishes it (same progress.json and checksums.json)."""
+        run = extract_in_shards(ctx.cfg.extract, ctx.cfg.model, plan.config["model"], str(ctx.store.root), cache,
+                                schema, attrs, packed, n_seq)
+        with CacheWriter(cache, schema, attrs) as writer:
+            writer.finish()
+        tokens = sum(s.tokens for s in run.shards)
+        result = ExtractResult(tokens=tokens, resumed_from=run.resumed_from, seconds=run.seconds,
+                               tokens_per_s=tokens / run.seconds if run.seconds > 0 else float("nan"))
+        execution = {"sharded": {"workers": run.workers, "shards": run.num_shards, "cluster": ctx.cfg.extract.cluster,
+                                 "ran": [to_plain(s) for s in run.shards]}}
+        return result, execution
 
 
 @functools.lru_cache(maxsize=2)
