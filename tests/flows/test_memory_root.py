@@ -91,3 +91,6 @@ def test_calibrate_flow_and_ls_on_memory_root(prefect_env, memory_root, tiny_mod
     out = capsys.readouterr().out
     assert keys["calibration"][:16] in out and "BROKEN" not in out
     assert main(["--root", memory_root, "verify", keys["calibration"][:12]]) == 0
+    assert main(["--root", memory_root, "report"]) == 0
+    page = capsys.readouterr().out.strip().splitlines()[-1]
+    assert page.endswith("report.html") and keys["report"] in page and store.root.as_posix() in page

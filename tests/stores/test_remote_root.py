@@ -162,6 +162,12 @@ def test_zarr_over_fsspec_reads_the_published_group(memory_url):
         open_zarr(f"{memory_url}/artifacts/extract/{'0' * 64}/cache.zarr")
 
 
+def test_exitflow_home_may_be_a_url(memory_url, monkeypatch):
+    monkeypatch.setenv("EXITFLOW_HOME", memory_url)
+    store = ArtifactStore()
+    assert store.remote is not None and store.location == memory_url
+
+
 def test_mirror_is_per_url(tmp_path, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, str(tmp_path))
     a, b = ArtifactStore("memory://one/root"), ArtifactStore("memory://two/root")
