@@ -176,6 +176,7 @@ class ArtifactStore:
         """The artifact's manifest; a BrokenArtifact when its folder has no readable one; None
         when there is no folder."""
         folder = self._folder(stage, key)
+        where = f"{self.location}/{RemoteRoot.artifact(stage, key)}" if self.remote is not None else ""
         try:
             if self.remote is not None:  # objects without a manifest are a publish cut short: not there
                 raw = self.remote.read(f"{RemoteRoot.artifact(stage, key)}/{MANIFEST}")
@@ -191,12 +192,12 @@ class ArtifactStore:
         except OSError as e:
             return BrokenArtifact(stage, key, folder, f"{MANIFEST} cannot be read ({e.strerror or e})")
         except ValueError as e:
-            return BrokenArtifact(stage, key, folder, f"{MANIFEST} is not JSON ({e})")
+            return BrokenArtifact(stage, key, folder, f"{MANIFEST} is not JSON ({e})", where)
         problem = manifest_problem(data)
         if problem is None and (data["stage"], data["key"]) != (stage, key):
             problem = f"it names {data['stage']}/{str(data['key'])[:16]}, not this folder"
         if problem:
-            return BrokenArtifact(stage, key, folder, f"{MANIFEST} is not a valid manifest: {problem}")
+            return BrokenArtifact(stage, key, folder, f"{MANIFEST} is not a valid manifest: {problem}", where)
         return Manifest.from_dict(data)
 
     # -- publishing --------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class BrokenArtifact:
     key: str
     path: Path
     reason: str
+    where: str = ""
+    """Where the artifact is, when that is not `path` (a URL on a remote root; `path` is then
+    its folder in the local mirror)."""
 
     @property
     def created(self) -> str:
@@ -54,7 +57,7 @@ class BrokenArtifact:
 
     def message(self) -> str:
         k = self.key[:16]
-        return (f"{self.stage} artifact {k} at {self.path} is broken: {self.reason}. `exitflow verify {k}` checks "
+        return (f"{self.stage} artifact {k} at {self.where or self.path} is broken: {self.reason}. `exitflow verify {k}` checks "
                 f"it; to repair, delete it (`exitflow verify {k} --delete`) and re-run the {self.stage} stage")
 
 

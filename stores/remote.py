@@ -71,8 +71,9 @@ def local_path(root: str | Path) -> Path:
 def mirror_folder(url: str) -> Path:
     """The local mirror of a remote root: ``$EXITFLOW_MIRROR`` (else the user's cache folder)
     joined with a hash of the URL, so two roots never share staging folders or locks."""
-    base = os.environ.get(MIRROR_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "exitflow" / "mirror"
+    base = os.environ.get(MIRROR_ENV)
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exitflow" / "mirror"
     return Path(base).expanduser() / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
@@ -97,11 +98,15 @@ class RemoteRoot:
 
     # -- whole objects -----------------------------------------------------------------------
     def read(self, rel: str) -> bytes | None:
-        """The bytes of object `rel`; None when there is none."""
+        """The bytes of object `rel`; None when there is none. A root that cannot be read at all
+        (credentials, network) is an error, not a missing or broken artifact."""
         try:
             return self.fs.cat_file(self._path(rel))
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise RemoteError(f"cannot read {self.url}/{rel} ({e}); check the credentials in the environment "
+                              "(AWS_*, GOOGLE_APPLICATION_CREDENTIALS) and that the bucket exists") from e
 
     def write(self, rel: str, data: bytes) -> None:
         """Put one whole object: a reader sees the old one or the new one (a single PUT)."""

@@ -143,6 +143,18 @@ def test_unreadable_remote_manifest_is_broken(memory_url):
         store.exists("s", key, strict=True)
     [found] = store.listing()
     assert isinstance(found, BrokenArtifact) and "not JSON" in found.reason
+    assert f"at {memory_url}/artifacts/s/{key}" in found.message()  # the URL, not the mirror folder
+
+
+def test_an_unreadable_root_is_an_error_not_a_missing_artifact(memory_url, monkeypatch):
+    store = ArtifactStore(memory_url)
+
+    def denied(self, path, **kwargs):
+        raise PermissionError("access denied (simulated)")
+
+    monkeypatch.setattr(type(store.remote.fs), "cat_file", denied)
+    with pytest.raises(RemoteError, match="cannot read .*credentials"):
+        store.exists("s", content_key("s", "v", {}, {}))
 
 
 def test_zarr_over_fsspec_reads_the_published_group(memory_url):
