@@ -1,5 +1,5 @@
 """recalibrate: the drift of a new calibration against the one in service, and whether to
-promote it (``drift.json``, and ``drift.md`` for people).
+promote it under a family-wise rule (``drift.json`` with the rule, and ``drift.md`` for people).
 
 Content key: the two calibrations and the code version. Moving the `current` pointer is the
 flow's business (:mod:`flows.recalibrate`), not the stage's: an artifact never changes state.
@@ -35,9 +35,11 @@ class RecalibrateStage(Stage):
         outcome = compare_calibrations(new, old, new_key=plan.inputs["calibration"], old_key=plan.inputs.get("previous"))
         write_json_atomic(staging / DRIFT_JSON, outcome.to_dict())
         write_atomic(staging / DRIFT_MD, recalibration_markdown(outcome).encode())
+        rule = outcome.rule
         return Built(metrics={"promote": outcome.promote, "failed": len(outcome.failures),
-                              "checked": outcome.checked, "rows": len(outcome.drift)},
-                     extra={"reason": outcome.reason})
+                              "checked": outcome.checked, "rows": len(outcome.drift),
+                              "family_delta": rule.delta, "per_check_delta": rule.per_check_delta},
+                     extra={"reason": outcome.reason, "rule": rule.describe()})
 
 
 def load_outcome(store: ArtifactStore, key: str) -> RecalibrationOutcome:

@@ -1,6 +1,7 @@
 """Scheduled recalibration under a real (ephemeral) Prefect server, on the tiny model: unchanged
-data is a cache hit, new documents give a new calibration that is promoted exactly when every
-held-out check is met, a failing check keeps the current calibration and says which one."""
+data is a cache hit, new documents give a new calibration that is promoted exactly when no
+checked threshold fails under the family-wise rule, a failing check keeps the current
+calibration and says which one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from pipeline.recalibrate import deployed_thresholds
 
 NEW_DOCUMENTS = range(30, 40)  # of sorted(pydoc_data.topics): three land in calib, two in eval
 LEVELS = [0.5, 0.8]
@@ -136,9 +139,18 @@ def test_new_documents_promote_iff_held_out_checks_are_met(site):
         for k in ("shift", "exit_rate_change", "accuracy_change", "held_out_met", "held_out_held"):
             assert k in r
         assert r["old_exit_rate"] is not None and r["new_exit_rate"] is not None
-    held = json.loads((store.path("calibrate", out["calibration"]) / "calibration.json").read_text())["held_out"]
+    calibration = json.loads((store.path("calibrate", out["calibration"]) / "calibration.json").read_text())
+    held = calibration["held_out"]
     assert len(held) == len(rows)
-    all_met = all(r["held"] for r in held)
+    # the family: certified thresholds (of the deployed predictor, when calibration.json names it), each at delta / K
+    deployed = deployed_thresholds(calibration)
+    family = [r for r in held if r["threshold"] is not None
+              and (deployed is None or (r["predictor"], r["head"], r["level"]) in deployed)]
+    rule = drift["rule"]
+    assert rule["name"] == "bonferroni" and rule["delta"] == calibration["delta"] and rule["checked"] == len(family)
+    assert rule["per_check_delta"] == pytest.approx(calibration["delta"] / max(len(family), 1))
+    assert rule["scope"] == ("certified" if deployed is None else "deployed")
+    all_met = all(r["p_below"] > rule["per_check_delta"] for r in family)
     assert out["promoted"] is all_met is drift["promote"]
     assert store.get_pointer("current")["key"] == (out["calibration"] if all_met else keys["calibration"])
     assert ("promoted" in out["reason"]) is all_met
