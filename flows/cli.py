@@ -246,7 +246,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = ArtifactStore(args.root)
     key = store.resolve(args.key, "report").key if args.key else latest_report(store)
     if key is None:
-        raise ArtifactNotFound(f"no report under {store.root} yet; every `exitflow run` ends with one")
+        raise ArtifactNotFound(f"no report under {store.location} yet; every `exitflow run` ends with one")
     print(report_html_path(store, key).resolve())
     if args.index:
         print(write_index(store).resolve())
@@ -290,7 +290,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         status = "ok" if quick.ok else "BROKEN"
         rows.append((m.stage, m.key[:16], status, size, m.created, inputs if quick.ok else quick.summary()))
     if not rows:
-        print(f"no artifacts under {store.root}")
+        print(f"no artifacts under {store.location}")
         return 0
     header = ("STAGE", "KEY", "STATUS", "SIZE", "CREATED", "INPUTS")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -329,7 +329,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 store.delete(a.stage, a.key)
                 print(f"        deleted {store.path(a.stage, a.key)}; re-run its stage to rebuild it")
     if not targets:
-        print(f"no artifacts under {store.root}")
+        print(f"no artifacts under {store.location}")
     return 1 if broken else 0
 
 

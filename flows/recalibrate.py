@@ -68,7 +68,7 @@ def _deployed(dag: Dag) -> _Deployed:
         gates = store.resolve_input(cfg.inputs.gates, "gates", TrainGatesStage.name).key if cfg.inputs.gates else None
         return _Deployed(heads, gates, None, "inputs.heads of the config")
     raise NothingToRecalibrate(
-        f"nothing to recalibrate under {store.root}: no `current` calibration and no inputs.heads in the config; "
+        f"nothing to recalibrate under {store.location}: no `current` calibration and no inputs.heads in the config; "
         "run the pipeline first (`exitflow run pipeline`, or the pipeline deployment; its calibration becomes the "
         "current one), or set inputs.heads to a heads artifact key"
     )

@@ -137,7 +137,7 @@ def _require_upstream(store: ArtifactStore, stage: Stage, name: str, key: str) -
     upstream = PRODUCED_BY.get(name)
     if upstream and not store.exists(upstream, key, strict=True):  # a broken one names `exitflow verify`
         raise ArtifactNotFound(f"{stage.name} needs {name} {key[:12]} ({upstream} stage), which is not under "
-                               f"{store.root}; run the {upstream} stage first (its deployment, or "
+                               f"{store.location}; run the {upstream} stage first (its deployment, or "
                                f"`exitflow run {upstream}`)")
 
 

@@ -70,6 +70,6 @@ class TeacherTopkStage(Stage):
 def open_topk(store: ArtifactStore, key: str, mmap: bool = True) -> TeacherTopK:
     """The published top-k of artifact `key`."""
     if not store.exists(TeacherTopkStage.name, key):
-        raise ArtifactNotFound(f"no teacher_topk artifact with key {key} under {store.root}; "
+        raise ArtifactNotFound(f"no teacher_topk artifact with key {key} under {store.location}; "
                                "run the teacher_topk stage first (its deployment, or `exitflow run teacher_topk`)")
     return open_teacher_topk(store.path(TeacherTopkStage.name, key), mmap=mmap)
