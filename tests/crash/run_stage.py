@@ -3,8 +3,9 @@
     python tests/crash/run_stage.py ROOT STAGE PARAMS_JSON INPUTS_JSON [section.key=value ...]
 
 Prints the artifact key. With EXITFLOW_TEST_UNIT_DELAY=<seconds>, every progress-bar update
-sleeps that long first: the tiny test model finishes a unit of work in microseconds, and a
-kill must be able to land between units. Sleeping changes no result. With
+sleeps that long first (`slow_units.py`; in the Dask workers of a sharded extraction too): the
+tiny test model finishes a unit of work in microseconds, and a kill must be able to land
+between units. Sleeping changes no result. With
 EXITFLOW_TEST_TOPK_BATCH_ROWS=<rows>, the top-k pass works (and resumes) in batches of that
 many rows.
 """
@@ -14,16 +15,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+from slow_units import slow_down_units  # noqa: E402
 
 from flows.stages import make_stage  # noqa: E402
 from flows.stages.base import StageContext, run_stage  # noqa: E402
-from pipeline import progress  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stores.artifacts import ArtifactStore  # noqa: E402
 
@@ -31,15 +31,8 @@ from stores.artifacts import ArtifactStore  # noqa: E402
 def main() -> None:
     root, stage, params, inputs, *overrides = sys.argv[1:]
     torch.set_num_threads(1)
-    delay = float(os.environ.get("EXITFLOW_TEST_UNIT_DELAY", "0"))
-    if delay:
-        update = progress.ProgressBar.update
-
-        def slow_update(self, n=1):
-            time.sleep(delay)
-            return update(self, n)
-
-        progress.ProgressBar.update = slow_update
+    slow_down_units()
+    os.environ.setdefault("DASK_DISTRIBUTED__WORKER__PRELOAD", json.dumps([str(Path(__file__).with_name("slow_units.py"))]))
     rows = os.environ.get("EXITFLOW_TEST_TOPK_BATCH_ROWS")
     if rows:  # more, smaller top-k batches: more points to be killed at (the rows' top-k do not change)
         import flows.stages.teacher_topk as teacher_topk

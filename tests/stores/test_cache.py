@@ -439,3 +439,78 @@ def test_iter_batches_row_pseudo_column_matches_data(tmp_path):
         np.testing.assert_array_equal(b["layer_1"], data[b["row"]].astype(np.float16).astype(np.float32))
         seen.append(b["row"])
     assert sorted(np.concatenate(seen).tolist()) == list(range(1000))
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _write_shard(path: Path, schema: CacheSchema, data: dict[str, np.ndarray], start: int, stop: int,
+                 upto: int | None = None, batch: int = 23) -> None:
+    """Rows [start, stop) through a ShardWriter that resumes whatever is there; stops (as if
+    killed: no finish, nothing flushed) after row `upto` when given."""
+    from stores.cache_shards import ShardWriter
+
+    w = ShardWriter(path, schema, {"key": "k1", "note": "test"}, start, stop)
+    end = stop if upto is None else upto
+    for a in range(start + w.rows_done, end, batch):
+        w.append({k: v[a:min(a + batch, end)] for k, v in data.items()})
+    if upto is None:
+        w.finish()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_shards_killed_and_resumed_finish_into_the_single_writer_cache(tmp_path, dtype):
+    """Four chunk-aligned shards (the last one ragged) written out of order, two of them killed
+    part-way and resumed, then finished by a CacheWriter: every file equals a single writer's,
+    and no shard record is left."""
+    schema = make_schema(num_tokens=200, dtype=dtype)  # 7 chunks of 32, the last one ragged
+    data = make_data(schema)
+    write_cache(tmp_path / "single", schema, data)
+    path = tmp_path / "sharded"
+    CacheWriter(path, schema, {"key": "k1", "note": "test"}).close()  # the layout, created once
+    ranges = [(0, 64), (64, 128), (128, 160), (160, 200)]
+    _write_shard(path, schema, data, *ranges[3])
+    _write_shard(path, schema, data, *ranges[1], upto=100)  # killed: one whole chunk durable
+    _write_shard(path, schema, data, *ranges[0], upto=20)  # killed before its first chunk
+    assert json.loads((path / "progress.shard-64-128.json").read_text())["rows_done"] == 32
+    for start, stop in ranges[:3]:
+        _write_shard(path, schema, data, start, stop)
+    with CacheWriter(path, schema, {"key": "k1", "note": "test"}) as w:
+        assert w.rows_done == 200
+        w.finish()
+    assert stored_files(path) == stored_files(tmp_path / "single")
+    assert (path / "progress.json").read_bytes() == (tmp_path / "single" / "progress.json").read_bytes()
+    reader = CacheReader(path)
+    np.testing.assert_array_equal(reader.column("doc_ids"), np.arange(200))
+
+
+def test_a_single_writer_resumes_after_the_shards_joined_to_row_0(tmp_path):
+    """A sharded run interrupted, then a run in one process: it starts where the finished shards
+    that join row 0 end, and its cache is a single writer's."""
+    schema = make_schema(num_tokens=200)
+    data = make_data(schema)
+    write_cache(tmp_path / "single", schema, data)
+    path = tmp_path / "mixed"
+    CacheWriter(path, schema, {"key": "k1", "note": "test"}).close()
+    _write_shard(path, schema, data, 0, 64)
+    _write_shard(path, schema, data, 64, 128, upto=100)
+    _write_shard(path, schema, data, 160, 200)
+    w = CacheWriter(path, schema, {"key": "k1", "note": "test"})
+    assert w.rows_done == 96
+    for a in range(96, 200, 23):
+        w.append({k: v[a:min(a + 23, 200)] for k, v in data.items()})
+    w.finish()
+    assert stored_files(path) == stored_files(tmp_path / "single")
+
+
+def test_a_shard_must_be_whole_chunks_of_a_created_cache(tmp_path):
+    from stores.cache_shards import ShardWriter
+
+    schema = make_schema(num_tokens=200)
+    with pytest.raises(CacheError, match="not created yet"):
+        ShardWriter(tmp_path / "c", schema, {"key": "k1"}, 0, 64)
+    CacheWriter(tmp_path / "c", schema, {"key": "k1"}).close()
+    with pytest.raises(CacheError, match=r"shard rows \[0, 50\).*multiples of chunk_rows"):
+        ShardWriter(tmp_path / "c", schema, {"key": "k1"}, 0, 50)
+    with pytest.raises(CacheMismatchError):
+        ShardWriter(tmp_path / "c", schema, {"key": "other"}, 0, 64)
