@@ -169,6 +169,11 @@ class HeadsConfig(_Section):
 class GatesConfig(_Section):
     """Exit gates: one small network per head that learns when its head may answer."""
 
+    features: Literal["hidden", "hidden+confidence", "hidden+confidence+change"] = "hidden+confidence"
+    """What a gate reads. `hidden`: the normalised hidden state only. `hidden+confidence`: also
+    its head's entropy, top-1 probability and top-1/top-2 probability margin, standardised (free
+    at exit time: the head's logits are computed anyway). `hidden+confidence+change`: also
+    whether the head's top-1 differs from the previous exit head's."""
     hidden_ratio: int = Field(4, gt=0)
     """Gate hidden width is hidden_size // hidden_ratio."""
     sampling: Literal["straight_through", "gumbel"] = "straight_through"
@@ -199,7 +204,7 @@ class GatesConfig(_Section):
     """Seed of the gate initialisation, batch order and exit samples."""
     max_steps: int | None = Field(None, gt=0)
     """Stop after this many optimizer steps (per epoch budget is then spread evenly)."""
-    max_tokens: int | None = Field(32768, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
     """Gates learn from at most this many train tokens: labelling a token costs every head a
     full-vocabulary pass, and a gate has ~H^2/4 parameters. None: all tokens."""
 
