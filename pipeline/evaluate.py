@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.calibrate import Calibration, HeldOutCheck, _kept, check_held_out
+from pipeline.calibrate import Calibration, HeldOutCheck, _kept, check_held_out, choose_deployed
 from pipeline.cascade import evaluate_cascade
 from pipeline.curves import EntropyBins, RocCurve, entropy_bins, roc_points
 from pipeline.fit import module_device
@@ -46,12 +46,12 @@ from pipeline.teacher import TeacherWeights
 from pipeline.thresholds import exit_mask
 
 __all__ = ["ECE_BINS", "EVALUATE_CODE_VERSION", "FIXED_GATE_THRESHOLDS", "TOP_K", "CascadeOutcome",
-           "EvaluationMetrics", "GateOperatingPoint", "GateOutcome", "HeadCurves", "HeadQuality", "LevelOutcome",
+           "DeployedOutcome", "EvaluationMetrics", "GateOperatingPoint", "GateOutcome", "HeadCurves", "HeadQuality", "LevelOutcome",
            "NonFiniteLogitsError", "evaluate_exits"]
 
-EVALUATE_CODE_VERSION = "evaluate-3"
+EVALUATE_CODE_VERSION = "evaluate-4"
 """Bump when the metrics (or `EvaluationMetrics.to_dict`'s shape) change for the same inputs;
-part of the evaluate stage's content key."""
+part of the evaluate stage's content key. 4: ``deployed``, gates that read their heads' confidence."""
 
 TOP_K = 5
 """Top-k agreement: the final layer's top-1 is among the head's k most likely tokens."""
@@ -150,6 +150,25 @@ class GateOutcome:
 
 
 @dataclass(frozen=True)
+class DeployedOutcome:
+    """One head at one level: the predictor the calibration deploys (`Calibration.deployed`) and
+    what every predictor's certified threshold does on the eval tokens."""
+
+    head: int
+    level: float
+    predictor: str
+    exit_rates: dict[str, float]
+    """Per predictor: the share of eval tokens its certified threshold lets exit."""
+    exit_rate: float
+    """The deployed predictor's exit rate on eval tokens."""
+    accuracy: float | None
+    """Accuracy of the tokens the deployed predictor lets exit (None: none exit)."""
+    held: bool
+    chosen_on: str
+    """Whose exit rates chose it: ``eval`` or ``calib`` (the calibration's `deployed_on`)."""
+
+
+@dataclass(frozen=True)
 class HeadCurves:
     """What the report draws for one head on the eval tokens."""
 
@@ -179,6 +198,8 @@ class EvaluationMetrics:
     """Empty when evaluated without gates."""
     curves: dict[int, HeadCurves] = field(default_factory=dict)
     """Per head: ROC curves of -entropy and p_exit, and agreement against entropy."""
+    deployed: list[DeployedOutcome] = field(default_factory=list)
+    """Per head and level, the deployed predictor on the eval tokens (head order, then level)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: layer keys as strings, NaN and infinities as None."""
@@ -290,7 +311,8 @@ class _SideScores:
                                          on_logits=self.lens_sums)[0])
         for layer, parts in self.probs.items():
             gate = self.gates[str(layer)]  # type: ignore[index]
-            p = gate.exit_probability(batch_tensor(batch[layer_key(layer)], module_device(gate)))  # [n]
+            feats = None if scores[layer].features is None else torch.from_numpy(scores[layer].features)  # [n, 4]
+            p = gate.exit_probability(batch_tensor(batch[layer_key(layer)], module_device(gate)), feats)  # [n]
             _check_finite(p, f"the gate at layer {layer}", self.head_sums.offset)
             parts.append(p.float().cpu().numpy())
         self.head_sums.offset += n
@@ -389,6 +411,26 @@ def _gate_outcomes(calibration: Calibration, labels: ExitLabels,
     return out
 
 
+def _deployed(calibration: Calibration, guarantees: list[HeldOutCheck]) -> list[DeployedOutcome]:
+    """The calibration's deployed predictor per head and level, with every predictor's exit rate
+    on these eval tokens. A calibration written before deployments existed gets them chosen
+    here, by the same rule, on these tokens."""
+    if calibration.deployed is None:
+        calibration = choose_deployed(calibration.with_held_out(guarantees))
+    rows = {(r.predictor, r.head, round(r.level, 9)): r for r in guarantees}
+    out = []
+    for d in calibration.deployed or []:
+        mine = {p: rows.get((p, d.head, round(d.level, 9))) for p in d.exit_rates}
+        this = mine.get(d.predictor)
+        out.append(DeployedOutcome(
+            head=d.head, level=d.level, predictor=d.predictor,
+            exit_rates={p: (r.exit_rate if r is not None else float("nan")) for p, r in mine.items()},
+            exit_rate=this.exit_rate if this is not None else float("nan"),
+            accuracy=this.accuracy if this is not None else None, held=bool(this.held) if this is not None else True,
+            chosen_on=calibration.deployed_on or "eval"))
+    return out
+
+
 def evaluate_exits(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchSource, calibration: Calibration, *,
                    gates: nn.ModuleDict | None = None, num_layers: int, max_tokens: int | None = None,
                    batch_rows: int = 2048, progress: bool = False) -> EvaluationMetrics:
@@ -410,12 +452,14 @@ def evaluate_exits(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchS
                                  progress=progress, on_batch=side, on_logits=head_sums)
     lens_labels = side.lens_labels(labels.has_target)
     gate_probs = side.gate_probs()
+    guarantees = check_held_out(calibration, labels, gate_probs)
     return EvaluationMetrics(
         tokens=labels.num_tokens, num_layers=num_layers, layers=layers, reference=calibration.reference,
         heads={layer: head_sums.quality(labels, layer) for layer in layers},
         lens={layer: lens_sums.quality(lens_labels, layer) for layer in layers},
-        guarantees=check_held_out(calibration, labels, gate_probs),
+        guarantees=guarantees,
         cascade=_cascades(calibration, labels, gate_probs, num_layers),
         gates=_gate_outcomes(calibration, labels, gate_probs) if gate_probs is not None else {},
         curves=_curves(labels, gate_probs),
+        deployed=_deployed(calibration, guarantees),
     )

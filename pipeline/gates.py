@@ -28,8 +28,46 @@ _NOISE_EPS = 1e-6
 """Uniform draws are clamped to [eps, 1 - eps] so logistic noise stays finite."""
 
 
+CONFIDENCE_NAMES = ("entropy", "top1_prob", "margin", "changed")
+"""Per-token statistics of a head's logits, in the column order of `confidence_features`."""
+
+FEATURE_COLUMNS: dict[str, int] = {"hidden": 0, "hidden+confidence": 3, "hidden+confidence+change": 4}
+"""Per `GatesConfig.features`: how many leading `CONFIDENCE_NAMES` columns a gate reads."""
+
+CONFIDENCE_BLOCK_ROWS = 256
+"""Rows whose full-vocabulary head logits are held at once when gates compute their features."""
+
+
+def confidence_features(logits: torch.Tensor, prev_top1: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's own confidence, [n, V] logits -> [n, 4] float32 in `CONFIDENCE_NAMES` order:
+    entropy (nats), top-1 probability, top-1 minus top-2 probability, and 1.0 where the top-1
+    differs from `prev_top1` (the previous exit head's top-1; 0.0 without one).
+
+    These are CALM's and SpecEE's exit signals. At exit time the head's logits exist anyway, so
+    they cost one softmax over what is already computed; a gate that reads them next to the
+    hidden state starts from the best free statistic instead of having to rediscover it.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)  # [n, V]
+    p = log_p.exp()  # [n, V]
+    entropy = -torch.where(p > 0, p * log_p, 0.0).sum(dim=-1)  # [n]
+    top = p.topk(min(2, p.shape[-1]), dim=-1)  # values, indices [n, 2]
+    top1_p = top.values[:, 0]  # [n]
+    margin = top1_p - top.values[:, 1] if p.shape[-1] > 1 else top1_p  # [n]
+    if prev_top1 is None:
+        changed = torch.zeros_like(top1_p)
+    else:
+        changed = (top.indices[:, 0] != prev_top1.to(top.indices.device)).float()  # [n]
+    return torch.stack([entropy, top1_p, margin, changed], dim=1)  # [n, 4]
+
+
+def _check_features(features: str) -> int:
+    if features not in FEATURE_COLUMNS:
+        raise ValueError(f"gate features {features!r} are unknown; use one of {sorted(FEATURE_COLUMNS)}")
+    return FEATURE_COLUMNS[features]
+
+
 class ExitGate(nn.Module):
-    """p_exit = sigmoid(Linear(ReLU(Linear(norm(h))))), hidden width H // hidden_ratio.
+    """p_exit = sigmoid(Linear(ReLU(Linear(norm(h)) [+ C c])) [+ d . c]), hidden width H // hidden_ratio.
 
     `norm` is a trainable copy of the backbone's final norm (`pipeline.norm.FinalNorm`), the
     same module heads and the logit lens use: raw residual-stream states have layer-dependent
@@ -38,55 +76,141 @@ class ExitGate(nn.Module):
     bottleneck keeps a gate at ~H^2/4 parameters, negligible next to a decoder layer, so
     evaluating it at every exit point costs nothing measurable. Returns logits; a sigmoid
     gives p_exit, and BCE on logits is numerically safer than on probabilities.
+
+    With ``features`` other than ``hidden`` the gate also reads c, its head's standardised
+    `confidence_features` (mean and std are buffers, saved with the weights): into the hidden
+    layer (C) and straight to the logit (d). C starts at zero and d at zero or, in training, at
+    the logistic regression of the label on c (`set_confidence_prior`): the gate starts as the
+    best linear read-out of its head's confidence, which ranks at least as well as entropy
+    alone, and the MLP learns what the hidden state adds. A fixed prior such as "exit on low
+    entropy" would instead cost the gate on heads whose entropy says little: a gate trains for a
+    few hundred steps, and Adam undoes a wrong weight no faster than it learns a right one.
     """
 
-    def __init__(self, teacher: TeacherWeights, hidden_ratio: int = 4, layer: int | None = None):
+    def __init__(self, teacher: TeacherWeights, hidden_ratio: int = 4, layer: int | None = None,
+                 features: str = "hidden"):
         super().__init__()
         self.layer = layer
+        self.features = features
+        self.num_features = _check_features(features)
         hidden_size = teacher.hidden_size
         width = max(1, hidden_size // hidden_ratio)
         self.norm = teacher.norm_module()
         self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, 1))
+        if self.num_features:
+            k = self.num_features
+            self.register_buffer("feature_mean", torch.zeros(k))
+            self.register_buffer("feature_std", torch.ones(k))
+            self.confidence = nn.Linear(k, width)
+            self.direct = nn.Linear(k, 1, bias=False)
+            with torch.no_grad():  # untrained, the gate is the hidden-state gate
+                self.confidence.weight.zero_()
+                self.confidence.bias.zero_()
+                self.direct.weight.zero_()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.norm(h)  # [n, H] float32
-        return self.mlp(x).squeeze(-1)  # [n]
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise the confidence features with these per-column statistics (of the train
+        rows); a constant column (std 0) is only centred."""
+        k = self.num_features
+        if not k:
+            return
+        mean, std = torch.as_tensor(mean, dtype=torch.float32)[:k], torch.as_tensor(std, dtype=torch.float32)[:k]
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
-    def exit_probability(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self(h))  # [n]
+    @torch.no_grad()
+    def set_confidence_prior(self, weight: torch.Tensor, bias: float) -> None:
+        """Start the confidence-to-logit weights at `weight` [k] (on standardised features) and add
+        `bias` to the output bias: the gate's logit then starts at that linear score of c (plus the
+        still small MLP output)."""
+        if self.num_features:
+            self.direct.weight.copy_(torch.as_tensor(weight, dtype=torch.float32).reshape(1, -1)[:, : self.num_features])
+            self.mlp[2].bias.add_(float(bias))
+
+    def forward(self, h: torch.Tensor, confidence: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.mlp[0](self.norm(h))  # [n, width] float32
+        if not self.num_features:
+            return self.mlp[2](self.mlp[1](z)).squeeze(-1)  # [n]
+        if confidence is None:
+            raise ValueError(f"gate {self.layer} reads its head's confidence ({self.features}); pass the head's "
+                             "confidence_features(logits) as the second argument")
+        c = (confidence[:, : self.num_features].float().to(z.device) - self.feature_mean) / self.feature_std  # [n, k]
+        out = self.mlp[2](self.mlp[1](z + self.confidence(c)))  # [n, 1]
+        return (out + self.direct(c)).squeeze(-1)  # [n]
+
+    def exit_probability(self, h: torch.Tensor, confidence: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self(h, confidence))  # [n]
 
 
-def build_gates(cfg: GatesConfig, layers: Sequence[int], teacher: TeacherWeights) -> nn.ModuleDict:
+def build_gates(cfg: GatesConfig, layers: Sequence[int], teacher: TeacherWeights,
+                features: str | None = None) -> nn.ModuleDict:
     """One fresh gate per exit layer, keyed by str(layer) like the heads; each normalises its
-    input with its own copy of the teacher's final norm."""
+    input with its own copy of the teacher's final norm. `features` overrides `cfg.features`."""
     layers = [int(layer) for layer in layers]
     if not layers:
         raise ValueError("no exit layers given; pass at least one layer, e.g. [6, 12]")
     if not isinstance(teacher, TeacherWeights):
         raise TypeError(f"build_gates takes the TeacherWeights (for the final norm), not {type(teacher).__name__}; "
                         "pass backbone.teacher_weights() or the cache's teacher")
-    gates = nn.ModuleDict({str(layer): ExitGate(teacher, cfg.hidden_ratio, layer) for layer in layers})
-    logger.info("built %d gates (width %d) at layers %s", len(layers),
-                max(1, teacher.hidden_size // cfg.hidden_ratio), layers)
+    features = cfg.features if features is None else features
+    gates = nn.ModuleDict({str(layer): ExitGate(teacher, cfg.hidden_ratio, layer, features) for layer in layers})
+    logger.info("built %d gates (width %d, features %s) at layers %s", len(layers),
+                max(1, teacher.hidden_size // cfg.hidden_ratio), features, layers)
     return gates
+
+
+def gates_need_confidence(gates: nn.ModuleDict) -> bool:
+    """Whether any gate reads its head's confidence features (then scoring it needs the heads)."""
+    return any(getattr(g, "num_features", 0) for g in gates.values())
+
+
+@torch.no_grad()
+def head_confidence(heads: nn.ModuleDict, hidden: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """`confidence_features` of each head on its layer's states [n, H] -> [n, 4], in layer order
+    (the previous layer's head gives ``changed``), in blocks of `CONFIDENCE_BLOCK_ROWS` rows."""
+    layers = sorted(hidden)
+    n = len(hidden[layers[0]]) if layers else 0
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for a in range(0, n, CONFIDENCE_BLOCK_ROWS):
+        prev = None
+        for layer in layers:
+            logits = heads[str(layer)](hidden[layer][a : a + CONFIDENCE_BLOCK_ROWS])  # [b, V]
+            out[layer].append(confidence_features(logits, prev))  # [b, 4]
+            prev = logits.argmax(-1)  # [b]
+    return {layer: torch.cat(parts) if parts else torch.empty(0, len(CONFIDENCE_NAMES)) for layer, parts in out.items()}
 
 
 @torch.no_grad()
 def gate_exit_probabilities(gates: nn.ModuleDict, source, *, max_tokens: int | None = None,
-                            batch_rows: int = 4096) -> dict[int, np.ndarray]:
+                            batch_rows: int = 4096, heads: nn.ModuleDict | None = None,
+                            features: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """Each gate's p_exit for the source's rows in order (the first `max_tokens`): the same
-    rows, in the same order, as `pipeline.scoring.collect_exit_labels` reads."""
+    rows, in the same order, as `pipeline.scoring.collect_exit_labels` reads.
+
+    Gates that read their head's confidence take it from `features` (per layer [N, 4], e.g.
+    `ExitLabels.features` of the same rows: no second vocabulary pass) or compute it with
+    `heads`; one of the two is needed then."""
     layers = [int(k) for k in gates.keys()]
     device = next(gates.parameters()).device
+    need = gates_need_confidence(gates)
+    if need and features is None and heads is None:
+        raise ValueError(f"gates at layers {layers} read their heads' confidence features; pass heads= (the heads "
+                         "the gates were trained on) or features= (ExitLabels.features of the same rows)")
     out: dict[int, list] = {layer: [] for layer in layers}
     seen = 0
     for batch in source.iter_batches([layer_key(layer) for layer in layers], batch_rows, shuffle=False):
         take = len(next(iter(batch.values())))
         if max_tokens is not None:
             take = min(take, max_tokens - seen)
+        hidden = {layer: torch.from_numpy(batch[layer_key(layer)][:take]).to(device) for layer in layers}  # [b, H]
+        conf: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
+        if need and features is not None:
+            conf = {layer: torch.from_numpy(np.asarray(features[layer][seen : seen + take])) for layer in layers}
+        elif need:
+            conf = head_confidence(heads, hidden)
         for layer in layers:
-            h = torch.from_numpy(batch[layer_key(layer)][:take]).to(device)  # [b, H]
-            out[layer].append(gates[str(layer)].exit_probability(h).float().cpu().numpy())  # [b]
+            p = gates[str(layer)].exit_probability(hidden[layer], conf[layer])  # [b]
+            out[layer].append(p.float().cpu().numpy())
         seen += take
         if max_tokens is not None and seen >= max_tokens:
             break
@@ -98,10 +222,26 @@ def gates_state_dict(gates: nn.ModuleDict) -> dict[str, torch.Tensor]:
     return {f"{k}.{name}": t.detach().cpu().contiguous() for k, g in gates.items() for name, t in g.state_dict().items()}
 
 
+def state_features(state: dict[str, torch.Tensor], layer: str | int) -> str:
+    """The `GatesConfig.features` a saved gate was built with, read off its state's shapes (a
+    gate saved before gates read confidence has none: ``hidden``)."""
+    mean = state.get(f"{layer}.feature_mean")
+    if mean is None:
+        return "hidden"
+    by_width = {k: name for name, k in FEATURE_COLUMNS.items()}
+    if mean.numel() not in by_width:
+        raise ValueError(f"gate {layer} stores {mean.numel()} confidence statistics; known widths are "
+                         f"{sorted(by_width)}: load it with the code version that saved it")
+    return by_width[mean.numel()]
+
+
 def load_gates(cfg: GatesConfig, teacher: TeacherWeights, state: dict[str, torch.Tensor]) -> nn.ModuleDict:
-    """Inverse of `gates_state_dict`, for gates built on this teacher's final norm."""
+    """Inverse of `gates_state_dict`, for gates built on this teacher's final norm. The features
+    each gate reads come from its saved state, so gates saved before `cfg.features` existed (or
+    with another setting) load as they were trained."""
     layers = sorted({int(k.split(".", 1)[0]) for k in state})
-    gates = build_gates(cfg, layers, teacher)
+    gates = nn.ModuleDict({str(layer): ExitGate(teacher, cfg.hidden_ratio, layer, state_features(state, layer))
+                           for layer in layers})
     for k, g in gates.items():
         own = {name.split(".", 1)[1]: t for name, t in state.items() if name.split(".", 1)[0] == k}
         try:
@@ -300,3 +440,27 @@ def gate_loss(
             "(float16 overflow) or lower gates.lr"
         )
     return loss, parts
+
+
+def fit_confidence_prior(features: torch.Tensor, labels: torch.Tensor, steps: int = 50) -> tuple[torch.Tensor, float]:
+    """Logistic regression of `labels` [n] (0/1) on standardised `features` [n, k]: weights [k] and
+    intercept, by L-BFGS on the mean BCE (k is 3 or 4, so this takes well under a second for a
+    few hundred thousand rows). Returns zeros when one class is absent."""
+    x, y = features.float(), labels.float()  # [n, k], [n]
+    if y.numel() == 0 or bool((y == y[0]).all()):
+        return torch.zeros(x.shape[1]), 0.0
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    if not (torch.isfinite(w).all() and torch.isfinite(b)):
+        return torch.zeros(x.shape[1]), 0.0
+    return w.detach(), float(b.detach())

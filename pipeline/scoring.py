@@ -21,9 +21,9 @@ from pipeline.progress import ProgressBar
 
 from pipeline.config import HeadsConfig
 from pipeline.fit import module_device
-from pipeline.gates import gate_exit_probabilities
+from pipeline.gates import confidence_features, gate_exit_probabilities
 from pipeline.heads import build_heads
-from pipeline.losses import IGNORE_INDEX, head_entropy
+from pipeline.losses import IGNORE_INDEX
 from pipeline.sources import BatchSource, batch_tensor, check_layers, layer_key
 from pipeline.teacher import TeacherWeights
 
@@ -45,6 +45,8 @@ class RowScores:
     """bool: the head's top-1 is the true next token (never where there is none)."""
     entropy: np.ndarray
     """float32: entropy of the head's distribution, in nats."""
+    features: np.ndarray | None = None
+    """float32 [n, 4]: `pipeline.gates.confidence_features` (what confidence-reading gates take)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class ExitLabels:
     """bool per head: top-1 == the true next token."""
     entropy: dict[int, np.ndarray]
     """float32 per head: entropy of the head's distribution, in nats."""
+    features: dict[int, np.ndarray] | None = None
+    """float32 [N, 4] per head: `pipeline.gates.confidence_features` of its logits (the previous
+    labelled head's top-1 gives ``changed``); None where a caller built labels without them."""
 
     @property
     def layers(self) -> list[int]:
@@ -160,7 +165,7 @@ def score_rows(heads: nn.ModuleDict, teacher: TeacherWeights, batch: dict[str, n
     n, blk = targets.shape[0], SCORE_BLOCK_ROWS
     given = None if teacher_top1 is None else batch_tensor(np.asarray(teacher_top1).astype(np.int64), device)  # [n]
     top1: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    entropy: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    features: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     t_top1_parts = []
     for a in range(0, n, blk):
         t_logits = None
@@ -168,10 +173,12 @@ def score_rows(heads: nn.ModuleDict, teacher: TeacherWeights, batch: dict[str, n
             t_logits = teacher.logits(batch_tensor(batch["final"][a : a + blk], device))  # [b, V]
         t_top1 = given[a : a + blk] if given is not None else t_logits.argmax(-1)  # [b]
         t_top1_parts.append(t_top1)
+        prev = None
         for layer in layers:
             logits = heads[str(layer)](batch_tensor(batch[layer_key(layer)][a : a + blk], device))  # [b, V]
             top1[layer].append(logits.argmax(-1))  # [b]
-            entropy[layer].append(head_entropy(logits))  # [b]
+            features[layer].append(confidence_features(logits, prev))  # [b, 4] entropy first
+            prev = top1[layer][-1]
             if on_logits is not None:
                 on_logits(BlockLogits(layer=layer, start=a, logits=logits, teacher_logits=t_logits,
                                       teacher_top1=t_top1, targets=targets[a : a + blk]))
@@ -179,10 +186,12 @@ def score_rows(heads: nn.ModuleDict, teacher: TeacherWeights, batch: dict[str, n
     scores: dict[int, RowScores] = {}
     for layer in layers:
         top1_t = torch.cat(top1[layer])  # [n]
+        feats = torch.cat(features[layer]).float().cpu().numpy()  # [n, 4]
         scores[layer] = RowScores(
             correct=(top1_t == t_top1_all).cpu().numpy(),
             correct_true=(top1_t == targets).cpu().numpy(),  # never true where targets == -1
-            entropy=torch.cat(entropy[layer]).float().cpu().numpy(),
+            entropy=np.ascontiguousarray(feats[:, 0]),
+            features=feats,
         )
     return scores, (targets != IGNORE_INDEX).cpu().numpy()
 
@@ -238,7 +247,8 @@ def _label_pass(heads: nn.ModuleDict, teacher: TeacherWeights, source: BatchSour
         return {layer: np.concatenate([getattr(s, field) for s in per_layer[layer]]) for layer in layers}
 
     return ExitLabels(row=np.concatenate(rows) if with_rows else None, has_target=np.concatenate(has_target),
-                      correct=joined("correct"), correct_true=joined("correct_true"), entropy=joined("entropy"))
+                      correct=joined("correct"), correct_true=joined("correct_true"), entropy=joined("entropy"),
+                      features=joined("features"))
 
 
 # ----------------------------------------------------------------------------- public passes
@@ -321,5 +331,6 @@ def evaluate_gates(heads: nn.ModuleDict, gates: nn.ModuleDict, teacher: TeacherW
     heads = nn.ModuleDict({str(layer): heads[str(layer)] for layer in head_layers(gates)})  # a view, no copy
     labels = collect_exit_labels(heads, teacher, source, max_tokens=max_tokens, batch_rows=batch_rows,
                                  progress=progress)
-    probs = gate_exit_probabilities(gates, source, max_tokens=max_tokens, batch_rows=batch_rows)
+    probs = gate_exit_probabilities(gates, source, max_tokens=max_tokens, batch_rows=batch_rows,
+                                    features=labels.features)
     return evaluate_gate_scores(labels, probs)

@@ -20,16 +20,17 @@ from torch import nn
 
 from pipeline.config import GatesConfig
 from pipeline.fit import CheckpointIO, FitTask, StepOut, fit_epochs, module_device, rng_devices
-from pipeline.gates import build_gates, gate_loss
+from pipeline.gates import CONFIDENCE_NAMES, build_gates, fit_confidence_prior, gate_loss
 from pipeline.scoring import RowScores, auroc, collect_exit_labels, head_layers
 from pipeline.sources import BatchSource, batch_tensor, check_layers, layer_key
 from pipeline.teacher import TeacherWeights
 
 logger = logging.getLogger(__name__)
 
-GATES_CODE_VERSION = "gates-5"
+GATES_CODE_VERSION = "gates-6"
 """Bump when gate training results change for the same inputs; part of the stage's content key
-and of its checkpoints' signature (heads have their own)."""
+and of its checkpoints' signature (heads have their own). 6: gates read their heads' confidence
+(`GatesConfig.features`), standardised with train statistics saved in the gate."""
 
 GATE_HELDOUT_FRACTION = 0.1
 """Share of rows (by a hash of the row index) kept out of gate training to measure AUROC."""
@@ -95,6 +96,7 @@ class _HeldOutSlice:
         self.states: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.correct: dict[int, list[np.ndarray]] = defaultdict(list)
         self.entropy: dict[int, list[np.ndarray]] = defaultdict(list)
+        self.features: dict[int, list[np.ndarray]] = defaultdict(list)
 
     def add(self, batch: dict[str, np.ndarray], scores: dict[int, RowScores]) -> None:
         if self.n >= self.cap:
@@ -104,6 +106,7 @@ class _HeldOutSlice:
             self.states[layer].append(torch.from_numpy(np.ascontiguousarray(batch[layer_key(layer)][sel])))
             self.correct[layer].append(scores[layer].correct[sel])
             self.entropy[layer].append(scores[layer].entropy[sel])
+            self.features[layer].append(scores[layer].features[sel])
         self.n += len(sel)
 
     def finish(self, hidden_size: int) -> None:
@@ -112,6 +115,8 @@ class _HeldOutSlice:
             self.states[layer] = torch.cat(states) if states else torch.empty(0, hidden_size)  # [m, H]
             self.correct[layer] = np.concatenate(correct) if correct else np.empty(0, bool)  # [m]
             self.entropy[layer] = np.concatenate(entropy) if entropy else np.empty(0, np.float32)  # [m]
+            feats = self.features[layer]
+            self.features[layer] = np.concatenate(feats) if feats else np.empty((0, len(CONFIDENCE_NAMES)), np.float32)
 
 
 @dataclass
@@ -125,6 +130,8 @@ class GateLabels:
     """[num_tokens, K] bool: head k agrees with the final layer at that row (False: unlabelled)."""
     usable: np.ndarray
     """[num_tokens] bool: labelled and not held out."""
+    features: np.ndarray
+    """[num_tokens, K, 4] float32: each head's `confidence_features` at that row (0: unlabelled)."""
     held: _HeldOutSlice
     sha256: str
     """Hash of the labelled rows and their labels: a checkpoint refuses to resume on others."""
@@ -138,8 +145,9 @@ class GateLabels:
         keep = self.usable[r]  # [b]
         if not keep.any():
             return StepOut(parts=None, rows=0)
-        logits = torch.stack([gates[str(layer)](batch_tensor(batch[layer_key(layer)][keep], device))
-                              for layer in self.layers], dim=1)  # [n, K]
+        feats = batch_tensor(self.features[r[keep]], device)  # [n, K, 4]
+        logits = torch.stack([gates[str(layer)](batch_tensor(batch[layer_key(layer)][keep], device), feats[:, k])
+                              for k, layer in enumerate(self.layers)], dim=1)  # [n, K]
         target = batch_tensor(self.table[r[keep]], device)  # [n, K] bool
         loss, parts = gate_loss(logits, target, cfg, self.layers, num_layers, generator=generator)
         if extra is not None:
@@ -153,11 +161,33 @@ class GateLabels:
         """Per gate: AUROC of p_exit for "the head agrees" on the held-out slice."""
         out = {}
         for layer in self.layers:
-            states = self.held.states[layer]  # [m, H]
-            p = torch.cat([gates[str(layer)].exit_probability(states[a : a + _PROB_BLOCK_ROWS].to(device))
+            states, feats = self.held.states[layer], torch.from_numpy(self.held.features[layer])  # [m, H], [m, 4]
+            p = torch.cat([gates[str(layer)].exit_probability(states[a : a + _PROB_BLOCK_ROWS].to(device),
+                                                              feats[a : a + _PROB_BLOCK_ROWS].to(device))
                            for a in range(0, len(states), _PROB_BLOCK_ROWS)]) if len(states) else torch.empty(0)  # [m]
             out[layer] = auroc(self.held.correct[layer], p.float().cpu().numpy())
         return out
+
+    def feature_stats(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per head: mean and std [4] of its confidence features over the training rows, what
+        `ExitGate.set_feature_stats` standardises with."""
+        rows = self.features[self.usable]  # [n, K, 4]
+        return {layer: (rows[:, k].mean(axis=0), rows[:, k].std(axis=0)) for k, layer in enumerate(self.layers)}
+
+    def standardize(self, gates: nn.ModuleDict) -> None:
+        """Give every gate that reads confidence its training rows' feature statistics, and start
+        it at the logistic regression of its label on them (`fit_confidence_prior`)."""
+        train = self.features[self.usable]  # [n, K, 4]
+        for k, (layer, (mean, std)) in enumerate(self.feature_stats().items()):
+            gate = gates[str(layer)]
+            if not getattr(gate, "num_features", 0):
+                continue
+            gate.set_feature_stats(torch.from_numpy(mean), torch.from_numpy(std))
+            x = (torch.from_numpy(train[:, k, : gate.num_features]) - gate.feature_mean.cpu()) / gate.feature_std.cpu()
+            w, b = fit_confidence_prior(x, torch.from_numpy(self.table[self.usable, k]))
+            gate.set_confidence_prior(w.to(gate.feature_mean.device), b)
+            logger.info("gate %d: confidence prior %s (+ %.3f) on %s", layer, [round(v, 3) for v in w.tolist()], b,
+                        CONFIDENCE_NAMES[: gate.num_features])
 
     def entropy_auroc(self) -> dict[int, float]:
         """The same rows with the head's own -entropy as the score: the baseline a gate must beat."""
@@ -185,6 +215,8 @@ def label_gate_rows(heads: nn.ModuleDict, layers: Sequence[int], teacher: Teache
     correct = np.stack([labels.correct[layer] for layer in layers], axis=1)  # [N, K] bool
     table = np.zeros((source.num_tokens, len(layers)), dtype=bool)  # [num_tokens, K]
     table[rows] = correct
+    features = np.zeros((source.num_tokens, len(layers), len(CONFIDENCE_NAMES)), dtype=np.float32)  # [num_tokens, K, 4]
+    features[rows] = np.stack([labels.features[layer] for layer in layers], axis=1)
     usable = np.zeros(source.num_tokens, dtype=bool)  # [num_tokens] labelled and not held out
     usable[rows[~heldout_mask(rows)]] = True
     logger.info("gate labels: %d rows (%d for training, %d held out, %d in the AUROC slice); head agreement %s",
@@ -193,7 +225,7 @@ def label_gate_rows(heads: nn.ModuleDict, layers: Sequence[int], teacher: Teache
     if not usable.any():
         raise ValueError(f"no labelled training rows (max_label_tokens={max_label_tokens}); label more tokens")
     sha = hashlib.sha256(rows.tobytes() + np.packbits(correct).tobytes()).hexdigest()
-    return GateLabels(layers=layers, table=table, usable=usable, held=held, sha256=sha)
+    return GateLabels(layers=layers, table=table, usable=usable, features=features, held=held, sha256=sha)
 
 
 def gate_epoch_metrics(history: list[dict[str, Any]]) -> list[GateEpochMetrics]:
@@ -230,6 +262,7 @@ def train_gates(cfg: GatesConfig, heads: nn.ModuleDict, layers: Sequence[int], n
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(cfg.seed)
         gates = build_gates(cfg, layers, teacher).to(device)
+        labels.standardize(gates)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         task = FitTask(
             stage="gates", code_version=GATES_CODE_VERSION, module=gates,

@@ -44,7 +44,7 @@ def identity_setup(head_logits: np.ndarray, teacher_logits: np.ndarray, targets:
 
 def calibrate(heads, teacher, src, gates=None, levels=(0.3, 0.6), delta=0.3, final_layer=2) -> Calibration:
     labels = collect_exit_labels(heads, teacher, src)
-    probs = None if gates is None else gate_exit_probabilities(gates, src)
+    probs = None if gates is None else gate_exit_probabilities(gates, src, heads=heads)
     cfg = CalibrateConfig(levels=list(levels), delta=delta, grid_size=20)
     return calibrate_exits(labels, probs, head_layers(heads), final_layer, cfg)
 
@@ -166,7 +166,7 @@ def test_head_and_lens_metrics_agree_with_scoring(synth, setup, metrics):
 def test_guarantee_rows_are_check_held_outs(synth, setup, metrics):
     heads, gates, cal = setup
     labels = collect_exit_labels(heads, synth.teacher, synth.small, max_tokens=900, batch_rows=300)
-    probs = gate_exit_probabilities(gates, synth.small, max_tokens=900, batch_rows=300)
+    probs = gate_exit_probabilities(gates, synth.small, max_tokens=900, batch_rows=300, heads=heads)
     assert metrics.guarantees == check_held_out(cal, labels, probs)
     assert {r.predictor for r in metrics.guarantees} == {"entropy", "gate"}
 
@@ -174,7 +174,7 @@ def test_guarantee_rows_are_check_held_outs(synth, setup, metrics):
 def test_cascade_is_evaluate_cascades_with_compute_saved(synth, setup, metrics):
     heads, gates, cal = setup
     labels = collect_exit_labels(heads, synth.teacher, synth.small, max_tokens=900, batch_rows=300)
-    probs = gate_exit_probabilities(gates, synth.small, max_tokens=900, batch_rows=300)
+    probs = gate_exit_probabilities(gates, synth.small, max_tokens=900, batch_rows=300, heads=heads)
     assert [(c.predictor, c.level) for c in metrics.cascade] == [(p, lv) for p in ("entropy", "gate")
                                                                  for lv in cal.levels]
     for predictor, scores in (("entropy", labels.entropy), ("gate", probs)):
@@ -191,7 +191,7 @@ def test_cascade_is_evaluate_cascades_with_compute_saved(synth, setup, metrics):
 def test_gate_outcomes(synth, setup, metrics):
     heads, gates, cal = setup
     labels = collect_exit_labels(heads, synth.teacher, synth.small, max_tokens=900, batch_rows=300)
-    probs = gate_exit_probabilities(gates, synth.small, max_tokens=900, batch_rows=300)
+    probs = gate_exit_probabilities(gates, synth.small, max_tokens=900, batch_rows=300, heads=heads)
     ref = evaluate_gate_scores(labels, probs)
     for layer in LAYERS:
         g = metrics.gates[layer]
@@ -310,3 +310,24 @@ def test_non_finite_logits_stop_evaluation(synth):
     cal = calibrate(heads, synth.teacher, ArraySource(make_rows(synth.teacher, 512, seed=7)), final_layer=NUM_LAYERS)
     with pytest.raises(NonFiniteLogitsError, match="head at layer 2 gave non-finite values on eval row 333"):
         evaluate_exits(heads, synth.teacher, src, cal, num_layers=NUM_LAYERS, batch_rows=200)
+
+
+def test_deployed_predictor_per_head_and_level_is_reported_with_every_predictors_exit_rate(setup, metrics):
+    """The calibration here predates deployments, so evaluation chooses them by the same rule on
+    the eval tokens: the higher certified exit rate, ties to entropy; each row's numbers are the
+    guarantee rows' own."""
+    from pipeline.calibrate import choose_deployed
+
+    cal = setup[2]
+    assert [(d.head, d.level) for d in metrics.deployed] == [(h, lv) for h in LAYERS for lv in cal.levels]
+    rows = {(r.predictor, r.head, r.level): r for r in metrics.guarantees}
+    for d in metrics.deployed:
+        assert d.exit_rates == {p: rows[(p, d.head, d.level)].exit_rate for p in ("entropy", "gate")}
+        best = max(d.exit_rates.values())
+        assert d.exit_rates[d.predictor] == best and (d.predictor == "entropy" or d.exit_rates["entropy"] < best)
+        assert (d.exit_rate, d.accuracy, d.held) == (rows[(d.predictor, d.head, d.level)].exit_rate,
+                                                     rows[(d.predictor, d.head, d.level)].accuracy,
+                                                     rows[(d.predictor, d.head, d.level)].held)
+    again = choose_deployed(cal.with_held_out(metrics.guarantees))
+    assert [d.predictor for d in again.deployed] == [d.predictor for d in metrics.deployed]
+    assert metrics.to_dict()["deployed"][0]["chosen_on"] == "eval"

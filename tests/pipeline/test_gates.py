@@ -67,17 +67,22 @@ def test_gate_norm_is_a_trainable_copy_of_the_final_norm(norm_kind, norm_bias):
     assert ("2.norm.bias" in gates_state_dict(gates)) == norm_bias
 
 
-def test_save_load_round_trip_and_mismatched_teacher():
+@pytest.mark.parametrize("features", ["hidden", "hidden+confidence", "hidden+confidence+change"])
+def test_save_load_round_trip_and_mismatched_teacher(features):
     teacher = make_teacher(32, "layer", norm_bias=True)
-    cfg = GatesConfig(hidden_ratio=8)
+    cfg = GatesConfig(hidden_ratio=8, features=features)
     gates = build_gates(cfg, [2, 4], teacher)
     with torch.no_grad():
         for p in gates.parameters():
             p.add_(torch.randn_like(p))
-    loaded = load_gates(cfg, teacher, gates_state_dict(gates))
-    h = torch.randn(5, 32)
+        for g in gates.values():
+            g.set_feature_stats(torch.rand(4), torch.rand(4) + 0.5)
+    # the features a gate reads travel with its state, whatever the loading config says
+    loaded = load_gates(GatesConfig(hidden_ratio=8), teacher, gates_state_dict(gates))
+    h, conf = torch.randn(5, 32), torch.rand(5, 4)
     for key in gates:
-        assert torch.equal(gates[key](h), loaded[key](h))
+        assert loaded[key].features == features
+        assert torch.equal(gates[key](h, conf), loaded[key](h, conf))
     with pytest.raises(ValueError, match="does not fit a gate on this teacher.*rms norm"):
         load_gates(cfg, make_teacher(32), gates_state_dict(gates))
 
@@ -187,7 +192,7 @@ def test_gate_learns_a_feature_rule(sampling):
     trained gates must rank held-out tokens by it (AUROC > 0.9)."""
     torch.manual_seed(0)
     hidden, layers, final = 32, [2, 4], 6
-    cfg = GatesConfig(sampling=sampling, routing_weight=0.5, tau_forward=1.0, tau_backward=1.0)
+    cfg = GatesConfig(sampling=sampling, routing_weight=0.5, tau_forward=1.0, tau_backward=1.0, features="hidden")
 
     def batch(n):
         hs = [torch.randn(n, hidden) * 3.0 for _ in layers]  # [n, H] per exit layer

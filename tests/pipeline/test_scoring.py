@@ -95,7 +95,7 @@ def test_evaluate_gates_measures_each_gate_against_the_heads_entropy(synth):
     train = ArraySource(make_gate_rows(synth.teacher, 2048, seed=11))
     held = ArraySource(make_gate_rows(synth.teacher, 1024, seed=12))
     heads = logit_lens(synth.teacher, LAYERS)
-    cfg = GatesConfig(epochs=2, batch_tokens=256, lr=3e-3, warmup_steps=2)
+    cfg = GatesConfig(epochs=2, batch_tokens=256, lr=3e-3, warmup_steps=2, features="hidden")  # the marker is in h
     from pipeline.gates import load_gates
 
     gates = load_gates(cfg, synth.teacher, train_gates(cfg, heads, LAYERS, NUM_LAYERS, synth.teacher, train,
@@ -103,7 +103,7 @@ def test_evaluate_gates_measures_each_gate_against_the_heads_entropy(synth):
     ev = evaluate_gates(heads, gates, synth.teacher, held, max_tokens=900, batch_rows=256)
     assert set(ev) == set(LAYERS) and all(isinstance(e, GateEval) for e in ev.values())
     labels = collect_exit_labels(heads, synth.teacher, held, max_tokens=900)
-    probs = gate_exit_probabilities(gates, held, max_tokens=900)
+    probs = gate_exit_probabilities(gates, held, max_tokens=900, heads=heads)
     from sklearn.metrics import roc_auc_score
 
     for layer in LAYERS:
