@@ -26,12 +26,17 @@ from pipeline.thresholds import (
     evaluate_thresholds,
 )
 
-__all__ = ["CALIBRATE_CODE_VERSION", "PREDICTORS", "CalibrationError", "Calibration", "HeadCalibration", "HeldOutCheck",
-           "calibrate_exits", "check_held_out"]
+__all__ = ["CALIBRATE_CODE_VERSION", "DEPLOY_RULE", "PREDICTORS", "CalibrationError", "Calibration", "Deployment",
+           "HeadCalibration", "HeldOutCheck", "calibrate_exits", "check_held_out", "choose_deployed"]
 
-CALIBRATE_CODE_VERSION = "calibrate-2"
+CALIBRATE_CODE_VERSION = "calibrate-3"
 """Bump when calibration results (or calibration.json's shape) change for the same inputs; part
-of the stage's content key. 2: typed `Calibration`; held-out rows name the head ``head``."""
+of the stage's content key. 2: typed `Calibration`; held-out rows name the head ``head``.
+3: ``deployed``, the predictor each head exits on per level."""
+
+DEPLOY_RULE = ("per head and level, the predictor whose certified threshold lets the most tokens exit "
+               "(on eval tokens when calibrated with an eval split, else on calib tokens); ties: entropy")
+"""How `choose_deployed` picks; written into calibration.json beside the choice."""
 
 PREDICTORS: dict[str, bool] = {"entropy": False, "gate": True}
 """Confidence scores a head can exit on, and whether higher means more confident."""
@@ -87,6 +92,28 @@ class HeldOutCheck(ThresholdCheck):
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """The predictor one head exits on at one level: of the predictors' certified thresholds
+    (the calibration's method), the one with the highest exit rate (`choose_deployed`)."""
+
+    head: int
+    level: float
+    predictor: str
+    threshold: float | None
+    """The deployed predictor's threshold (None: no predictor certified one; the head never exits)."""
+    exit_rates: dict[str, float]
+    """Per predictor: the share of tokens its threshold lets exit, on `Calibration.deployed_on` tokens."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Deployment":
+        return cls(head=int(d["head"]), level=float(d["level"]), predictor=str(d["predictor"]),
+                   threshold=d["threshold"], exit_rates={k: float(v) for k, v in d["exit_rates"].items()})
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Every head's thresholds per predictor, method and level, the cascade per predictor and
     method, and (once checked) the chosen thresholds on held-out tokens."""
@@ -106,6 +133,10 @@ class Calibration:
     """predictor -> method -> one `CascadeResult` per level."""
     held_out: list[HeldOutCheck] | None = field(default=None)
     """The chosen thresholds on held-out tokens (`check_held_out`); None: not checked."""
+    deployed: list[Deployment] | None = field(default=None)
+    """Per head and level, the predictor a deployment exits on (`choose_deployed`); None: not chosen."""
+    deployed_on: str | None = field(default=None)
+    """``eval`` or ``calib``: the tokens whose exit rates chose `deployed`."""
 
     @property
     def predictors(self) -> list[str]:
@@ -130,6 +161,14 @@ class Calibration:
     def with_held_out(self, checks: Sequence[HeldOutCheck]) -> "Calibration":
         return replace(self, held_out=list(checks))
 
+    def deployment(self, head: int, level: float) -> Deployment:
+        """The deployed predictor of one head at one level."""
+        for d in self.deployed or []:
+            if d.head == head and abs(d.level - level) < 1e-9:
+                return d
+        raise CalibrationError(f"no deployed predictor for head {head} at level {level} (levels {self.levels}, "
+                               f"heads {self.layers}{'' if self.deployed else '; none chosen: run choose_deployed'})")
+
     def to_dict(self) -> dict:
         """The JSON form (calibration.json); ``held_out`` only once checked."""
         out = {
@@ -141,13 +180,16 @@ class Calibration:
         }
         if self.held_out is not None:
             out["held_out"] = [r.to_dict() for r in self.held_out]
+        if self.deployed is not None:
+            out["deployed"] = {"rule": DEPLOY_RULE, "measured_on": self.deployed_on,
+                               "choices": [d.to_dict() for d in self.deployed]}
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Calibration":
         """Inverse of `to_dict`, also after a JSON round trip."""
         try:
-            held = d.get("held_out")
+            held, deployed = d.get("held_out"), d.get("deployed")
             return cls(
                 levels=[float(x) for x in d["levels"]], delta=float(d["delta"]), method=d["method"],
                 reference=d["reference"], n=int(d["n"]), layers=[int(x) for x in d["layers"]],
@@ -156,6 +198,8 @@ class Calibration:
                 cascade={p: {m: [CascadeResult.from_dict(r) for r in rs] for m, rs in by_method.items()}
                          for p, by_method in d["cascade"].items()},
                 held_out=None if held is None else [HeldOutCheck.from_dict(r) for r in held],
+                deployed=None if deployed is None else [Deployment.from_dict(r) for r in deployed["choices"]],
+                deployed_on=None if deployed is None else deployed.get("measured_on"),
             )
         except (KeyError, TypeError) as e:
             raise CalibrationError(f"not a calibration (calibration.json) dict: {e!r}; pass what "
@@ -262,3 +306,30 @@ def check_held_out(calibration: Calibration, labels: ExitLabels, gate_probs: Map
                                          higher_is_confident=PREDICTORS[p]):
                 rows.append(HeldOutCheck(**asdict(r), predictor=p, head=layer))
     return rows
+
+
+def choose_deployed(calibration: Calibration) -> Calibration:
+    """Per head and level, deploy the predictor whose certified threshold lets the most tokens
+    exit (`DEPLOY_RULE`); a tie goes to entropy, which costs nothing to compute.
+
+    Exit rates are read from the held-out check when there is one (eval tokens), else from the
+    calibration itself (calib tokens). Choosing on eval tokens keeps each threshold's guarantee
+    for the chosen one: the choice depends only on data independent of the calib draw that
+    certified it. Choosing on calib tokens picks the larger of two certified results, which
+    holds with probability >= 1 - (number of predictors) * delta (a union bound)."""
+    held = {(r.predictor, r.head, round(r.level, 9)): r.exit_rate for r in calibration.held_out or []}
+    on = "eval" if held else "calib"
+    choices = []
+    for layer in calibration.layers:
+        by_predictor = {p: calibration.chosen(p)[layer] for p in calibration.predictors}
+        for i, level in enumerate(calibration.levels):
+            rates, thresholds = {}, {}
+            for p, results in by_predictor.items():
+                r = results[i]
+                thresholds[p] = r.threshold
+                rates[p] = 0.0 if r.threshold is None else float(
+                    held[(p, layer, round(r.level, 9))] if held else r.exit_rate)
+            best = max(rates, key=lambda p: (rates[p], p == "entropy"))  # ties: entropy
+            choices.append(Deployment(head=layer, level=float(level), predictor=best, threshold=thresholds[best],
+                                      exit_rates=rates))
+    return replace(calibration, deployed=choices, deployed_on=on)

@@ -1,6 +1,7 @@
 """calibrate: exit thresholds per head, predictor (entropy, gate) and target accuracy, with a
-Learn-then-Test guarantee, the cascade over heads, and how each threshold holds on held-out
-eval tokens: ``calibration.json``.
+Learn-then-Test guarantee, the cascade over heads, how each threshold holds on held-out eval
+tokens, and per head and level the deployed predictor (the higher certified exit rate):
+``calibration.json``.
 
 Content key: the calibrate config, the calib cache, the heads, the gates and the eval cache.
 """
@@ -19,7 +20,7 @@ from flows.stages.extract import ExtractStage, load_teacher, open_cache
 from flows.stages.quantize import QuantizeStage, load_quantized
 from flows.stages.train_gates import load_trained_gates
 from flows.stages.train_heads import TrainHeadsStage, heads_model, load_trained_heads
-from pipeline.calibrate import CALIBRATE_CODE_VERSION, Calibration, calibrate_exits, check_held_out
+from pipeline.calibrate import CALIBRATE_CODE_VERSION, Calibration, calibrate_exits, check_held_out, choose_deployed
 from pipeline.config import canonical
 from pipeline.gates import gate_exit_probabilities
 from pipeline.scoring import ExitLabels, collect_exit_labels
@@ -68,6 +69,11 @@ class CalibrateStage(Stage):
             calibration = calibration.with_held_out(held)
             metrics["held_out_met"] = sum(r.met for r in held)
             metrics["held_out_checked"] = len(held)
+        calibration = choose_deployed(calibration)
+        metrics["deployed"] = [{"head": d.head, "level": d.level, "predictor": d.predictor,
+                                "exit_rates": {p: round(r, 4) for p, r in d.exit_rates.items()}}
+                               for d in calibration.deployed or []]
+        metrics["deployed_on"] = calibration.deployed_on
         write_json_atomic(staging / CALIBRATION_FILE, calibration.to_dict())
         return Built(metrics)
 
@@ -109,7 +115,7 @@ def score_split(store: ArtifactStore, cache_key: str, head_set: HeadSet) -> Scor
     teacher = load_teacher(store, cache_key)
     heads, gates, layers = head_set.load(store, teacher)
     labels = collect_exit_labels(heads, teacher, reader)
-    probs = gate_exit_probabilities(gates, reader) if gates is not None else None
+    probs = gate_exit_probabilities(gates, reader, features=labels.features) if gates is not None else None
     return Scored(labels, probs, layers, int(reader.attrs["num_layers"]))
 
 
