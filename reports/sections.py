@@ -27,6 +27,7 @@ from reports.run import RunArtifacts
 from reports.tables import (
     cache_rows,
     cascade_rows,
+    deployed_rows,
     decode_rows,
     epoch_rows,
     exit_rate_rows,
@@ -82,8 +83,8 @@ def _run(run: RunArtifacts) -> Section:
                          f"lr {h.get('lr')}, {h.get('mode')}"})
     if "gates" in run.manifests:
         g = run.manifests["gates"].config
-        settings.append({"setting": "gates", "value": f"{g.get('epochs')} epochs, lr {g.get('lr')}, "
-                         f"hidden ratio {g.get('hidden_ratio')}, sampling {g.get('sampling')}"})
+        settings.append({"setting": "gates", "value": f"features {g.get('features', 'hidden')}, {g.get('epochs')} "
+                         f"epochs, lr {g.get('lr')}, hidden ratio {g.get('hidden_ratio')}, sampling {g.get('sampling')}"})
     for name in ("calibration", "ternary_calibration"):
         if name in run.manifests:
             c = run.manifests[name].config
@@ -234,6 +235,12 @@ def _calibration(run: RunArtifacts) -> Section | None:
         section.figures.append(Figure("Exit rate per head and level", partial(plots.heatmaps, _exit_panels(cal),
                                                                                "exit rate"),
                                       "share of calibration tokens each head's own threshold lets exit"))
+    deployed = deployed_rows(evaluation, cal)
+    if deployed:
+        where = "eval tokens" if evaluation and evaluation.get("deployed") else f"{cal.deployed_on} tokens"
+        section.tables.append(Table("Deployed predictor per head and level", deployed,
+                                    "share of tokens each predictor's certified threshold lets exit; the head "
+                                    f"exits on the predictor with the higher rate (ties: entropy, it is free); {where}"))
     cascade = cascade_rows(evaluation, cal)
     if cascade:
         where = "eval tokens" if evaluation else "calibration tokens"

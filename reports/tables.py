@@ -151,6 +151,26 @@ def exit_rate_rows(cal: Calibration) -> Rows:
     return rows
 
 
+def deployed_rows(evaluation: dict | None, cal: Calibration | None) -> Rows:
+    """Per head and level, the share of tokens each predictor's certified threshold lets exit
+    and the predictor deployed (the higher rate; ties: entropy), on eval tokens (the evaluation,
+    else the calibration's own choice, on the tokens it was made on)."""
+    if evaluation and evaluation.get("deployed"):
+        items = [(d["head"], d["level"], d["predictor"], d["exit_rates"], d.get("held")) for d in evaluation["deployed"]]
+    elif cal is not None and cal.deployed:
+        items = [(d.head, d.level, d.predictor, d.exit_rates, None) for d in cal.deployed]
+    else:
+        return []
+    rows = []
+    for head, lvl, predictor, rates, held in items:
+        row = {"head": str(head), "level": level(lvl)}
+        for p, r in rates.items():
+            row[f"exit rate ({p})"] = pct(r)
+        row["deployed"] = predictor if held is None else f"{predictor}{'' if held else ' (FAILED)'}"
+        rows.append(row)
+    return rows
+
+
 def cascade_rows(evaluation: dict | None, cal: Calibration | None) -> Rows:
     """The cascade per predictor and level: average exit layer, the share of layer compute
     saved and the accuracy reached, on eval tokens (the evaluation) or calibration tokens."""
