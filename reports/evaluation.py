@@ -25,6 +25,17 @@ def evaluation_summary(metrics: dict) -> str:
     lines.append("cascade, layer compute saved on eval tokens: " + ", ".join(saved))
     held = sum(bool(g["held"]) for g in metrics["guarantees"])
     lines.append(f"guarantees held on eval tokens: {held} of {len(metrics['guarantees'])}")
+    gates = sorted((metrics.get("gates") or {}).items(), key=lambda kv: int(kv[0]))
+    if gates:
+        lines.append("gate AUROC vs entropy AUROC per head: " + ", ".join(
+            f"{layer} {_num(g['gate_auroc'], 3)} vs {_num(g['entropy_auroc'], 3)}" for layer, g in gates))
+    by_level: dict[float, list[str]] = {}
+    for d in metrics.get("deployed") or []:
+        rates = "/".join(_pct(r) for r in d["exit_rates"].values())
+        by_level.setdefault(d["level"], []).append(f"{d['head']} {rates} -> {d['predictor']}")
+    for lvl, cells in sorted(by_level.items()):
+        names = "/".join(next(iter(metrics["deployed"]))["exit_rates"])
+        lines.append(f"level {lvl:g}, exit rate ({names}) per head and the deployed predictor: " + ", ".join(cells))
     decode = metrics.get("decode")
     if decode:
         best = next((s for s in decode["settings"] if s["name"] == decode.get("best")), None)

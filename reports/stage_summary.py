@@ -30,6 +30,7 @@ from reports.tables import (
     cascade_rows,
     decode_rows,
     exit_rate_rows,
+    deployed_rows,
     gate_rows,
     guarantee_checks,
     head_rows,
@@ -123,6 +124,8 @@ def _calibrate(store: ArtifactStore, m: Manifest) -> str:
         text += f" Held on eval tokens: {sum(bool(c['held']) for c in checks)} of {len(checks)}."
     return (text + "\n" + _table("Thresholds", threshold_rows(cal), "entropy: exit below; gate: exit above")
             + _table("Exit rate per head and level", exit_rate_rows(cal), "calibration tokens")
+            + _table("Deployed predictor per head and level", deployed_rows(None, cal),
+                     f"each predictor's exit rate on {cal.deployed_on} tokens; the higher one is deployed")
             + _table("Cascade", cascade_rows(None, cal), "calibration tokens"))
 
 
