@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from pipeline.backbone import Backbone, load_backbone
 from pipeline.config import ConfigError, ExtractConfig, ModelConfig
 from pipeline.data import PackedSplit
 from pipeline.model_files import BackboneError
+from pipeline.progress import ProgressBar
 from pipeline.extract import extract_hidden_states, shard_sequences
 from stores.artifacts import ArtifactStore
 from stores.cache import CacheSchema
@@ -149,8 +152,10 @@ class ShardedRun:
 
 
 def extract_in_shards(ex: ExtractConfig, model: ModelConfig, identity: dict, root: str, cache: Path,
-                      schema: CacheSchema, attrs: dict, split: PackedSplit, n_seq: int) -> ShardedRun:
-    """Extract sequences [0, n_seq) of `split` into the created cache at `cache`, in shards on Dask."""
+                      schema: CacheSchema, attrs: dict, split: PackedSplit, n_seq: int,
+                      progress: bool = True) -> ShardedRun:
+    """Extract sequences [0, n_seq) of `split` into the created cache at `cache`, in shards on Dask.
+    The progress bar follows the shards' progress files (what is durably written), every second."""
     workers, runner = task_runner(ex)
     seq_len = split.input_ids.shape[1]
     ranges = shard_sequences(n_seq, seq_len, schema.chunk_rows, ex.batch_size, SHARDS_PER_WORKER * workers)
@@ -167,12 +172,42 @@ def extract_in_shards(ex: ExtractConfig, model: ModelConfig, identity: dict, roo
     if jobs:
         batch = uuid.uuid4().hex
         _PENDING[batch] = jobs
+        rows = [(a * seq_len, b * seq_len) for a, b in ranges]
         try:
-            results = extract_shards_flow.with_options(task_runner=runner)(
-                batch, [f"{j.index}: rows {j.start_row}-{j.stop_row}" for j in jobs])
+            with _watch_shards(cache, rows, f"extract {split.name} ({workers} workers)", progress):
+                results = extract_shards_flow.with_options(task_runner=runner)(
+                    batch, [f"{j.index}: rows {j.start_row}-{j.stop_row}" for j in jobs])
         finally:
             _PENDING.pop(batch, None)
     return ShardedRun([ShardResult(**r) for r in results], len(ranges), workers, resumed, time.perf_counter() - t0)
+
+
+@contextmanager
+def _watch_shards(cache: Path, rows: list[tuple[int, int]], desc: str, enabled: bool, every_s: float = 1.0):
+    """A progress bar over every shard's durably written rows, polled on a thread while the body runs."""
+    bar = ProgressBar(total=rows[-1][1], unit="tok", unit_scale=True, desc=desc, disable=not enabled,
+                      dynamic_ncols=True)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            try:
+                done = sum(shard_rows_done(cache, a, b) for a, b in rows)
+            except (OSError, ValueError):  # a progress file replaced while read: next time
+                done = bar.n
+            if done > bar.n:
+                bar.update(done - bar.n)
+            if stop.wait(every_s):
+                return
+
+    watcher = threading.Thread(target=poll, name="shard-progress", daemon=True)
+    watcher.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        watcher.join()
+        bar.close()
 
 
 def task_runner(ex: ExtractConfig) -> tuple[int, DaskTaskRunner]:

@@ -127,7 +127,7 @@ class ExtractStage(Stage):
         """Shards of the split on Dask workers into the created cache, then the cache finished
         here, as a single writer finishes it (same progress.json and checksums.json)."""
         run = extract_in_shards(ctx.cfg.extract, ctx.cfg.model, plan.config["model"], str(ctx.store.root), cache,
-                                schema, attrs, packed, n_seq)
+                                schema, attrs, packed, n_seq, progress=ctx.progress)
         with CacheWriter(cache, schema, attrs) as writer:
             writer.finish()
         tokens = sum(s.tokens for s in run.shards)

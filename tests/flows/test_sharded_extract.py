@@ -153,3 +153,19 @@ def test_a_run_killed_mid_shard_resumes_only_that_shard(prefect_env, tmp_path, t
     assert not complete & set(ran), "a shard the killed run finished was extracted again"
     for r, rows in partial.items():
         assert ran[r]["resumed_from"] >= rows > 0, f"shard {r} did not resume from its last whole chunk"
+
+
+@pytest.mark.slow
+def test_exitflow_run_extract_with_two_workers_publishes_the_single_process_cache(tmp_path, tiny_model_dir, corpus_dir):
+    """The path a user takes: `exitflow run extract --set extract.workers=2`, the shard flow nested
+    in the extract flow's stage task, under the CLI's own temporary Prefect server."""
+    from tests.flows.cli_procs import cli_cmd, cli_env
+
+    single = _extract(tmp_path / "single", _overrides(tiny_model_dir, corpus_dir))
+    out = subprocess.run(cli_cmd(tmp_path / "cli", _overrides(tiny_model_dir, corpus_dir, "extract.workers=2")),
+                         env=cli_env(tmp_path / "prefect-home"), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-6000:]
+    _assert_same_artifact(tmp_path / "cli", tmp_path / "single", single)
+    run = ArtifactStore(tmp_path / "cli").manifest("extract", single).extra["sharded"]
+    assert run["workers"] == 2 and len(run["ran"]) == 4
+    assert "extract train (2 workers)" in out.stderr, "no progress bar over the shards"
