@@ -29,10 +29,11 @@ from pipeline.thresholds import (
 __all__ = ["CALIBRATE_CODE_VERSION", "DEPLOY_RULE", "PREDICTORS", "CalibrationError", "Calibration", "Deployment",
            "HeadCalibration", "HeldOutCheck", "calibrate_exits", "check_held_out", "choose_deployed"]
 
-CALIBRATE_CODE_VERSION = "calibrate-3"
+CALIBRATE_CODE_VERSION = "calibrate-4"
 """Bump when calibration results (or calibration.json's shape) change for the same inputs; part
 of the stage's content key. 2: typed `Calibration`; held-out rows name the head ``head``.
-3: ``deployed``, the predictor each head exits on per level."""
+3: ``deployed``, the predictor each head exits on per level. 4: held-out ``held`` judged by the
+family-wise rule of promotion (``held_out_rule``), not each check at 0.05."""
 
 DEPLOY_RULE = ("per head and level, the predictor whose certified threshold lets the most tokens exit "
                "(on eval tokens when calibrated with an eval split, else on calib tokens); ties: entropy")

@@ -65,7 +65,8 @@ def recalibration_markdown(outcome: RecalibrationOutcome, *, overruled: str | No
         "",
         "Threshold in score units (entropy: nats, exit when below; gate: exit probability, exit when above);",
         "shift = new - old. Exit rate and accuracy on calib tokens; held-out: the new threshold on eval tokens;",
-        "held: the held-out accuracy is not significantly below the level (one-sided binomial test, p > 0.05).",
+        "held: the held-out accuracy is not significantly below the level (one-sided binomial test at the "
+        "family-wise rule's per-check delta, delta / K; see the reason).",
         "",
         "| " + " | ".join(header for _, header in _MARKDOWN_COLUMNS) + " |",
         "|" + "---|" * len(_MARKDOWN_COLUMNS),

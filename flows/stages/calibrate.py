@@ -22,6 +22,7 @@ from flows.stages.train_gates import load_trained_gates
 from flows.stages.train_heads import TrainHeadsStage, heads_model, load_trained_heads
 from pipeline.calibrate import CALIBRATE_CODE_VERSION, Calibration, calibrate_exits, check_held_out, choose_deployed
 from pipeline.config import canonical
+from pipeline.recalibrate import deployed_thresholds, judge_held_out
 from pipeline.gates import gate_exit_probabilities
 from pipeline.scoring import ExitLabels, collect_exit_labels
 from pipeline.teacher import TeacherWeights
@@ -65,16 +66,27 @@ class CalibrateStage(Stage):
         metrics: dict = {"n": calibration.n}
         if "eval_cache" in plan.inputs:
             ev = score_split(store, plan.inputs["eval_cache"], head_set)
-            held = check_held_out(calibration, ev.labels, ev.gate_probs)
+            calibration = choose_deployed(calibration.with_held_out(check_held_out(calibration, ev.labels,
+                                                                                   ev.gate_probs)))
+            # "held" under the family-wise rule a recalibration is promoted by: the deployed thresholds,
+            # each at delta / K
+            rule, held, failures = judge_held_out(calibration.held_out, calibration.delta,
+                                                  deployed_thresholds(calibration))
             calibration = calibration.with_held_out(held)
             metrics["held_out_met"] = sum(r.met for r in held)
             metrics["held_out_checked"] = len(held)
-        calibration = choose_deployed(calibration)
+            metrics["held_out_rule"] = rule.to_dict()
+            metrics["held_out_failed"] = [f"{r.predictor} head {r.head} level {r.level}" for r in failures]
+        else:
+            calibration, rule = choose_deployed(calibration), None
         metrics["deployed"] = [{"head": d.head, "level": d.level, "predictor": d.predictor,
                                 "exit_rates": {p: round(r, 4) for p, r in d.exit_rates.items()}}
                                for d in calibration.deployed or []]
         metrics["deployed_on"] = calibration.deployed_on
-        write_json_atomic(staging / CALIBRATION_FILE, calibration.to_dict())
+        out = calibration.to_dict()
+        if rule is not None:
+            out["held_out_rule"] = {**rule.to_dict(), "rule": rule.describe()}
+        write_json_atomic(staging / CALIBRATION_FILE, out)
         return Built(metrics)
 
 

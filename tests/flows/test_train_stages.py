@@ -72,6 +72,12 @@ def test_artifacts_carry_metrics_and_inputs(trained):
                 assert all(r["n"] == cal["n"] for r in rows)
     assert set(cal["cascade"]) == {"entropy", "gate"}
     assert cal["held_out"] and all("met" in r for r in cal["held_out"])
+    # held-out "held" is judged as a promotion judges it: the deployed certified thresholds, each at delta / K
+    rule = cal["held_out_rule"]
+    deployed = {(d["predictor"], d["head"], d["level"]) for d in cal["deployed"]["choices"] if d["threshold"] is not None}
+    assert rule["name"] == "bonferroni" and rule["scope"] == "deployed" and rule["checked"] == len(deployed)
+    assert rule["per_check_delta"] == cal["delta"] / max(len(deployed), 1)
+    assert all(r["held"] == (r["p_below"] > rule["per_check_delta"]) for r in cal["held_out"])
 
 
 def test_same_inputs_are_a_hit_and_a_change_reruns_only_downstream(trained):
