@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.config import GatesConfig, HeadsConfig
-from pipeline.gates import ExitGate
+from pipeline.gates import ExitGate, state_features
 from pipeline.heads import AdapterHead, ExitHead, FrozenLMHead
 from pipeline.sources import check_layers
 from pipeline.teacher import TeacherWeights
@@ -34,6 +34,8 @@ from pipeline.ternary import PackedBitLinear
 _PACKED_KEYS = ("packed", "gamma", "shape", "hadamard", "norm")
 """Keys `pack_bitlinear` always writes; `bias` too for a layer that has one (which a slot
 needs exactly when the float layer it replaces has one)."""
+FEATURE_STATS = ("feature_mean", "feature_std")
+"""A gate's confidence-feature statistics: buffers, shipped beside its float parameters."""
 _TERNARY_SLOTS = {"linear": ("proj",), "adapter": ("down", "up"), "gate": ("mlp.0", "mlp.2")}
 """Module paths of the BitLinears inside each ternary module of `pipeline.quantize`."""
 
@@ -117,7 +119,8 @@ def _fill(module: nn.Module, prefix: str, slots: Sequence[str], problems: _Packe
             problems.mismatched.append(f"{prefix}{slot} has a non-finite gamma or bias")
             continue
         module.set_submodule(slot, PackedBitLinear.from_packed(d))
-    for name, param in module.named_parameters():
+    stats = [(n, b) for n, b in module.named_buffers() if n.rpartition(".")[2] in FEATURE_STATS]
+    for name, param in [*module.named_parameters(), *stats]:
         if any(name.startswith(f"{slot}.") for slot in slots):
             continue  # a slot whose packed layer was missing or mismatched; already reported
         value = problems.take(prefix + name)
@@ -175,7 +178,7 @@ def load_packed_gates(gates_cfg: GatesConfig, teacher: TeacherWeights,
                                "and the teacher the gates were quantized with")
     gates = nn.ModuleDict()
     for layer in check_layers(layers):
-        gate = ExitGate(teacher, gates_cfg.hidden_ratio, layer)
+        gate = ExitGate(teacher, gates_cfg.hidden_ratio, layer, state_features(packed, layer))
         _fill(gate, f"{layer}.", _TERNARY_SLOTS["gate"], problems)
         gates[str(layer)] = gate
     return _finish(gates, problems)

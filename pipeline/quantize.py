@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.config import GatesConfig, HeadsConfig, QuantizeConfig
 from pipeline.fit import CheckpointIO, FitTask, fit_epochs, module_device, rng_devices, throughput
-from pipeline.gates import ExitGate
+from pipeline.gates import ExitGate, state_features
 from pipeline.heads import AdapterHead, ExitHead, FrozenLMHead, LinearHead, _project_rows, heads_state_dict
 from pipeline.scoring import head_layers
 from pipeline.sources import BatchSource, check_layers, layer_key
@@ -43,9 +43,9 @@ from pipeline.train_heads import EpochMetrics, head_epoch_metrics, prepare_head_
 
 logger = logging.getLogger(__name__)
 
-QUANTIZE_CODE_VERSION = "quantize-2"
+QUANTIZE_CODE_VERSION = "quantize-3"
 """Bump when ternary retraining results change for the same inputs; part of the stage's content
-key and of its checkpoints' signature."""
+key and of its checkpoints' signature. 3: ternary gates keep their float gate's confidence features."""
 
 
 # ----------------------------------------------------------------------------- modules
@@ -131,22 +131,28 @@ class TernaryAdapterHead(AdapterHead):
 
 
 class TernaryExitGate(ExitGate):
-    """An exit gate whose two linear layers are ternary; its norm stays float (H numbers)."""
+    """An exit gate whose two linear layers are ternary; its norm (H numbers) and, with
+    confidence features, their read-out (k x (width + 1) numbers, k <= 4) stay float."""
 
     def __init__(self, teacher: TeacherWeights, hidden_ratio: int = 4, layer: int | None = None, *,
-                 hadamard: bool = False):
-        super().__init__(teacher, hidden_ratio, layer)
+                 hadamard: bool = False, features: str = "hidden"):
+        super().__init__(teacher, hidden_ratio, layer, features=features)
         for i in (0, 2):
             self.mlp[i] = PhasedBitLinear.from_linear(self.mlp[i].weight, self.mlp[i].bias, hadamard=hadamard)
 
     @classmethod
     def from_gate(cls, gate: ExitGate, teacher: TeacherWeights, *, hadamard: bool = False) -> TernaryExitGate:
         width = gate.mlp[0].weight.shape[0]
-        out = cls(teacher, max(1, teacher.hidden_size // width), gate.layer, hadamard=hadamard)
+        out = cls(teacher, max(1, teacher.hidden_size // width), gate.layer, hadamard=hadamard,
+                  features=getattr(gate, "features", "hidden"))
         if out.mlp[0].weight.shape != gate.mlp[0].weight.shape:
             raise ValueError(f"gate {gate.layer} has width {width}, which no hidden_ratio gives for hidden size "
                              f"{teacher.hidden_size}; pass gates built by pipeline.gates.build_gates on this teacher")
         out.norm.load_state_dict(gate.norm.state_dict())
+        if out.num_features:  # the trained confidence read-out and its feature statistics, as they are
+            for name in ("confidence", "direct"):
+                getattr(out, name).load_state_dict(getattr(gate, name).state_dict())
+            out.set_feature_stats(gate.feature_mean, gate.feature_std)
         for i in (0, 2):
             out.mlp[i] = PhasedBitLinear.from_linear(gate.mlp[i].weight, gate.mlp[i].bias, hadamard=hadamard)
         return out
@@ -217,7 +223,8 @@ def load_ternary_gates(gates_cfg: GatesConfig, qcfg: QuantizeConfig, teacher: Te
                        state: dict[str, torch.Tensor]) -> nn.ModuleDict:
     """Inverse of `pipeline.gates.gates_state_dict` for ternary gates."""
     layers = sorted({int(k.partition(".")[0]) for k in state})
-    gates = nn.ModuleDict({str(layer): TernaryExitGate(teacher, gates_cfg.hidden_ratio, layer, hadamard=qcfg.hadamard)
+    gates = nn.ModuleDict({str(layer): TernaryExitGate(teacher, gates_cfg.hidden_ratio, layer, hadamard=qcfg.hadamard,
+                                                       features=state_features(state, layer))
                            for layer in layers})
     return _load_grouped(gates, state, "gates", "load with the gates and quantize configs they were trained with")
 

@@ -34,6 +34,7 @@ from pipeline.quantize import (
 from pipeline.scoring import evaluate_gates, evaluate_heads
 from pipeline.sources import layer_key
 from pipeline.teacher import TeacherWeights
+from pipeline.packed_heads import FEATURE_STATS
 from pipeline.ternary import BitLinear, pack_bitlinear
 from stores.artifacts import ArtifactStore, Manifest
 from stores.checkpoints import FileCheckpoints
@@ -120,8 +121,9 @@ class QuantizeStage(Stage):
 
 
 def packed_state(modules: nn.ModuleDict) -> dict[str, torch.Tensor]:
-    """Every ternary matrix packed (2 bits a weight + scale), and every float parameter that
-    is not part of one (norms), under the module's own names."""
+    """Every ternary matrix packed (2 bits a weight + scale), every float parameter that is not
+    part of one (norms, a gate's confidence read-out) and a gate's feature statistics, under the
+    module's own names."""
     out: dict[str, torch.Tensor] = {}
     packed_params: set[str] = set()
     for name, module in modules.named_modules():
@@ -131,6 +133,9 @@ def packed_state(modules: nn.ModuleDict) -> dict[str, torch.Tensor]:
     for name, p in modules.named_parameters():
         if name not in packed_params:
             out[name] = p.detach().float()
+    for name, b in modules.named_buffers():
+        if name.rpartition(".")[2] in FEATURE_STATS:
+            out[name] = b.detach().float()
     return out
 
 

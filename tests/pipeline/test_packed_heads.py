@@ -130,18 +130,25 @@ def test_packed_gates_equal_the_fake_quant_training_gates(tmp_path, hadamard):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         float_gates = _perturb(build_gates(cfg, LAYERS, teacher), seed=4)
+        for g in float_gates.values():  # confidence features with non-trivial statistics
+            g.set_feature_stats(torch.randn(g.num_features), torch.rand(g.num_features) + 0.5)
+        c = torch.randn(_hidden().shape[0], 4)  # [n, 4] the heads' confidence features
+    assert all(g.num_features for g in float_gates.values())
     ternary = build_ternary_gates(float_gates, QuantizeConfig(hadamard=hadamard), teacher)
     gates = load_packed_gates(cfg, teacher, _round_trip(ternary, tmp_path))
+    for key, g in gates.items():
+        assert g.features == float_gates[key].features
+        assert torch.equal(g.feature_std, float_gates[key].feature_std)
 
     assert list(gates) == [str(layer) for layer in LAYERS]
     _assert_no_float_ternary_matrix(ternary, gates, 2 * len(LAYERS))
     h = _hidden()
     with torch.no_grad():
         for key in gates:
-            want, got = ternary[key](h), gates[key](h)  # [n]
+            want, got = ternary[key](h, c), gates[key](h, c)  # [n]
             rel = (got - want).abs() / want.abs().max()  # [n]: relative to the largest logit
             assert float(rel.max()) <= 1e-3 and float((rel <= 1e-5).float().mean()) >= 0.98  # chained, as above
-            torch.testing.assert_close(gates[key].exit_probability(h), ternary[key].exit_probability(h),
+            torch.testing.assert_close(gates[key].exit_probability(h, c), ternary[key].exit_probability(h, c),
                                        atol=1e-5, rtol=0)
 
 

@@ -179,6 +179,13 @@ def test_quantize_gates_joint_loss_resume_and_reload(synth, tmp_path):
     assert_same_state(gates_state_dict(gates), straight.state)
     again = build_ternary_gates(float_gates, qcfg, synth.teacher)
     assert set(again) == {str(layer) for layer in LAYERS}
+    # the ternary gates read their head's confidence as the float ones do, started from their read-out
+    for key, g in again.items():
+        f = float_gates[key]
+        assert g.features == f.features == gcfg.features and g.num_features == f.num_features > 0
+        for name in ("confidence.weight", "direct.weight", "feature_mean", "feature_std"):
+            assert torch.equal(g.state_dict()[name], f.state_dict()[name]), (key, name)
+    assert all(g.num_features == float_gates[k].num_features for k, g in gates.items())
 
 
 def test_negative_loss_weights_are_a_config_error_naming_the_value():
@@ -200,7 +207,7 @@ def test_ternary_heads_and_gates_score_and_calibrate_through_the_unchanged_pipel
         gates = build_ternary_gates(build_gates(GatesConfig(), LAYERS, synth.teacher), QuantizeConfig(), synth.teacher)
     calib = ArraySource(make_rows(synth.teacher, 2048, seed=11))
     labels = collect_exit_labels(heads, synth.teacher, calib)
-    probs = gate_exit_probabilities(gates, calib)
+    probs = gate_exit_probabilities(gates, calib, heads=heads)
     assert all(p.shape == (2048,) and np.isfinite(p).all() for p in probs.values())
     cal = calibrate_exits(labels, probs, LAYERS, NUM_LAYERS, CalibrateConfig(levels=[0.5], delta=0.2))
     assert set(cal.predictors) == {"entropy", "gate"} and set(cal.heads) == set(LAYERS)
