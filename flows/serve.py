@@ -244,7 +244,12 @@ def start(root: str | Path | None = None, host: str = "127.0.0.1", port: int = 4
     allowed to each step. Raises :class:`ServeError` when a port is taken or a step fails, after
     stopping whatever it had started.
     """
-    root = _root(root)
+    given = str(root) if root is not None else os.environ.get("EXITFLOW_HOME", "")
+    if "://" in given and not given.startswith("file://"):
+        raise ServeError(f"exitflow serve keeps the Prefect database, the worker's state and the reports under a "
+                         f"local folder, and {given!r} is a URL; give --root a folder (runs started from the UI "
+                         "can still put their artifacts at the URL: set its `root` parameter)")
+    root = _root(given.removeprefix("file://") or None)
     state = read_state(root)
     if state is not None:
         if _healthy(state.api_url, 2.0):

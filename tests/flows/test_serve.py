@@ -123,6 +123,17 @@ def test_a_port_in_use_is_named_with_the_fix(tmp_path):
     assert not (tmp_path / "serve.json").exists()
 
 
+@pytest.mark.parametrize("root", ["s3://bucket/exitflow", None])
+def test_a_url_root_is_refused_naming_it_and_the_fix(tmp_path, monkeypatch, root):
+    """serve's database and reports live in a folder: a URL root (given or from EXITFLOW_HOME)
+    is one error, before anything starts or any folder named like the URL appears."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EXITFLOW_HOME", "memory://exitflow-serve")
+    with pytest.raises(serve.ServeError, match=r"is a URL; give --root a folder"):
+        serve.start(root, port=_free_port(), report_port=_free_port())
+    assert not any(tmp_path.iterdir())
+
+
 def test_stop_ends_every_recorded_process(served, capsys):
     root, state, _ = served
     pids = [p.pid for p in state.processes]
