@@ -145,3 +145,21 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def memory_url(tmp_path, monkeypatch):
+    """A fresh memory:// artifact root (one per test, removed after it) and its mirror folder
+    under tmp_path."""
+    import uuid
+
+    import fsspec
+
+    from stores.remote import MIRROR_ENV
+
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "mirror"))
+    name = f"exitflow-test-{uuid.uuid4().hex[:12]}"
+    yield f"memory://{name}/root"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{name}"):
+        fs.rm(f"/{name}", recursive=True)

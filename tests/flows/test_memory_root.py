@@ -5,9 +5,7 @@ everything runs in-process."""
 from __future__ import annotations
 
 import json
-import uuid
 
-import fsspec
 import numpy as np
 import pytest
 import zarr
@@ -22,13 +20,8 @@ from stores.remote import MIRROR_ENV, RemoteRoot, open_zarr
 
 
 @pytest.fixture
-def memory_root(tmp_path, monkeypatch):
-    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "mirror"))
-    name = f"exitflow-flow-{uuid.uuid4().hex[:12]}"
-    yield f"memory://{name}/root"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(f"/{name}"):
-        fs.rm(f"/{name}", recursive=True)
+def memory_root(memory_url):
+    return memory_url
 
 
 def _overrides(model_dir, corpus) -> list[str]:

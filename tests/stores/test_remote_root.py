@@ -2,10 +2,8 @@
 ``memory://`` (an fsspec filesystem without rename: upload, manifest last, local mirror)."""
 
 import json
-import uuid
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
 import zarr
@@ -14,15 +12,6 @@ from stores.artifacts import ArtifactBroken, ArtifactStore, BrokenArtifact, Mani
 from stores.remote import MIRROR_ENV, RemoteError, RemoteRoot, is_remote, open_zarr
 
 
-@pytest.fixture
-def memory_url(tmp_path, monkeypatch):
-    """A fresh memory:// root (one per test) and a mirror folder under tmp_path."""
-    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "mirror"))
-    name = f"exitflow-test-{uuid.uuid4().hex[:12]}"
-    yield f"memory://{name}/root"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(f"/{name}"):
-        fs.rm(f"/{name}", recursive=True)
 
 
 @pytest.fixture(params=["file", "memory"])
