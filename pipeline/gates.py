@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import GatesConfig
+from pipeline.losses import softmax_entropy
 from pipeline.sources import layer_key
 from pipeline.teacher import TeacherWeights
 
@@ -47,9 +48,7 @@ def confidence_features(logits: torch.Tensor, prev_top1: torch.Tensor | None = N
     they cost one softmax over what is already computed; a gate that reads them next to the
     hidden state starts from the best free statistic instead of having to rediscover it.
     """
-    log_p = F.log_softmax(logits.float(), dim=-1)  # [n, V]
-    p = log_p.exp()  # [n, V]
-    entropy = -torch.where(p > 0, p * log_p, 0.0).sum(dim=-1)  # [n]
+    p, entropy = softmax_entropy(logits)  # [n, V], [n]
     top = p.topk(min(2, p.shape[-1]), dim=-1)  # values, indices [n, 2]
     top1_p = top.values[:, 0]  # [n]
     margin = top1_p - top.values[:, 1] if p.shape[-1] > 1 else top1_p  # [n]

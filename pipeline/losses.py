@@ -346,6 +346,12 @@ def head_entropy(logits: torch.Tensor) -> torch.Tensor:
     A confidence signal for calibration and the entropy baseline of gates; computed from
     log_softmax so large logits do not overflow, and 0 * log 0 counts as 0.
     """
+    return softmax_entropy(logits)[1]
+
+
+def softmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(logits) [n, V] in float32 and its natural-log entropy [n] (see `head_entropy`),
+    for callers that need the probabilities too."""
     log_p = F.log_softmax(logits.float(), dim=-1)  # [n, V]
     p = log_p.exp()  # [n, V]
-    return -torch.where(p > 0, p * log_p, 0.0).sum(dim=-1)  # [n]
+    return p, -torch.where(p > 0, p * log_p, 0.0).sum(dim=-1)
