@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install everything (once)
 
-demo: setup  ## run the main job on the embedded default (SmolLM2-135M, Python reference)
+demo: setup  ## run the main job on the embedded default (SmolLM2-135M, Python docs)
 	$(VENV)/bin/exitflow run all
 
 test: setup  ## the default test suite (minutes)

@@ -18,7 +18,7 @@ RUNNABLE = ("extract", "teacher_topk", "train_heads", "train_gates", "calibrate"
 
 EPILOG = """\
 examples:
-  exitflow run extract                                   # embedded SmolLM2 on the Python reference
+  exitflow run extract                                   # embedded SmolLM2 on the Python docs
   exitflow run extract --config configs/quick.yaml --set extract.layers=[4,8]
   exitflow run teacher_topk                              # the train cache's top-k, for the efficient loss
   exitflow run train_heads --set heads.epochs=3         # extracts train/eval first if missing

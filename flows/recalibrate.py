@@ -159,7 +159,7 @@ def recalibrate_flow(data_source: str | None = None, inputs: InputsConfig = Inpu
                 (deployed.gates or "-")[:12], deployed.source, dag.cfg.data.source)
     if not dag.has_split("eval"):
         raise ConfigError("recalibration checks the new thresholds on held-out tokens: give data.fractions an "
-                          "eval share > 0 (e.g. data.fractions={train: 0.4, calib: 0.3, eval: 0.3}) "
+                          "eval share > 0 (e.g. data.fractions={train: 0.3, calib: 0.35, eval: 0.35}) "
                           "or set inputs.eval_cache")
     calib, ev = dag.extract("calib"), dag.extract("eval")
     new_key = dag.calibrate(calib, deployed.heads, deployed.gates, ev)

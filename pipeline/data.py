@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import EMBEDDED_CORPUS, DataConfig
+from pipeline.corpora import EmbeddedCorpusError, check_embedded, embedded_documents, embedded_stamp
 from pipeline.fingerprint import stat_stamp
 
 log = logging.getLogger(__name__)
@@ -232,11 +232,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     """
     source = cfg.source
     if source.startswith("embedded:"):
-        if source != EMBEDDED_CORPUS:
-            raise DataError(f"data.source {source!r} is not an embedded corpus; the only one is {EMBEDDED_CORPUS!r}")
-        from pydoc_data.topics import topics
-
-        documents = [topics[key] for key in sorted(topics)]
+        try:
+            documents = embedded_documents(source)
+        except EmbeddedCorpusError as e:
+            raise DataError(str(e)) from e
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -283,8 +282,10 @@ def check_data_source(cfg: DataConfig) -> None:
     the full read still checks every row."""
     source = cfg.source
     if source.startswith("embedded:"):
-        if source != EMBEDDED_CORPUS:
-            raise DataError(f"data.source {source!r} is not an embedded corpus; the only one is {EMBEDDED_CORPUS!r}")
+        try:
+            check_embedded(source)
+        except EmbeddedCorpusError as e:
+            raise DataError(str(e)) from e
         return
     path = Path(source).expanduser()
     if path.is_dir():
@@ -340,9 +341,7 @@ def corpus_stamp(cfg: DataConfig) -> str | None:
     """A cheap stamp of the corpus files (names, sizes, times), or None for a hub dataset, which
     has none: memos of what was derived from the corpus are keyed on it."""
     if cfg.source.startswith("embedded:"):
-        from pydoc_data import topics
-
-        return f"{cfg.source}:{sys.version}:{stat_stamp(Path(topics.__file__))}"
+        return embedded_stamp(cfg.source)
     path = Path(cfg.source).expanduser()
     return stat_stamp(path) if path.exists() else None
 

@@ -243,6 +243,25 @@ def min_exits_to_detect(level: float, miss: float = 0.02, alpha: float = 0.05, p
     return int(last_miss[-1] + 2) if last_miss.size else 1
 
 
+def too_few_exits(checks: Sequence[Any], rule: PromotionRule,
+                  deployed: set[tuple[str, int, float]] | None = None) -> list[str]:
+    """The family's checks (certified, deployed when `deployed` is given) whose held-out exits are
+    too few to catch a 2-point miss with 80 % power at the rule's per-check level, each as
+    "<predictor> head <h> level <l>: <n> exits of <need> needed". Empty: every "held" means it."""
+    out, need = [], {}
+    for r in checks:
+        if r.threshold is None or r.level <= DETECT_MISS or (
+                deployed is not None and (r.predictor, r.head, float(r.level)) not in deployed):
+            continue
+        level = float(r.level)
+        if level not in need:
+            need[level] = min_exits_to_detect(level, DETECT_MISS, rule.per_check_delta, DETECT_POWER)
+        if need[level] is None or r.n_exited < need[level]:
+            needed = "over 200,000" if need[level] is None else f"{need[level]:,}"
+            out.append(f"{r.predictor} head {r.head} level {level:g}: {r.n_exited:,} exits of {needed} needed")
+    return out
+
+
 # ----------------------------------------------------------------------------- drift of one head
 
 

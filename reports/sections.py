@@ -253,7 +253,8 @@ def _calibration(run: RunArtifacts) -> Section | None:
         failed = [c for c in checks if c.get("held") is False]
         section.tables.append(Table("Guarantees on eval tokens", guarantee_rows(checks),
                                     "accuracy of the tokens a head lets exit; held: not significantly below "
-                                    "the level (one-sided binomial test)"))
+                                    "the level (one-sided binomial test); a 2-point miss shows only with "
+                                    "thousands of exits at the loose levels (README, Calibration data)"))
         section.text.append(f"Guarantees held on eval tokens: {len(checks) - len(failed)} of {len(checks)}.")
         if failed:
             section.notes.append("Not held on eval tokens: " + ", ".join(

@@ -198,15 +198,16 @@ def guarantee_checks(evaluation: dict | None, cal: Calibration | None) -> list[d
 
 
 def guarantee_rows(checks: list[dict]) -> Rows:
-    """Per predictor and level, each head's accuracy on the eval tokens it let exit and whether
-    the guarantee held (not significantly below the level); "no exit" where none exited."""
+    """Per predictor and level, each head's accuracy on the eval tokens it let exit, whether the
+    guarantee held (not significantly below the level) and on how many exits that verdict rests;
+    "no exit" where none exited."""
     by_key: dict[tuple[str, float], dict[str, str]] = {}
     for r in checks:
         row = by_key.setdefault((r["predictor"], r["level"]), {"predictor": r["predictor"], "level": level(r["level"])})
         if not r.get("n_exited"):
             cell = "no exit"
         else:
-            cell = f"{pct(r['accuracy'])} {'held' if r['held'] else 'FAILED'}"
+            cell = f"{pct(r['accuracy'])} {'held' if r['held'] else 'FAILED'} ({r['n_exited']:,} exits)"
         row[f"head {r['head']}"] = cell
     return list(by_key.values())
 

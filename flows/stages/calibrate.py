@@ -22,7 +22,7 @@ from flows.stages.train_gates import load_trained_gates
 from flows.stages.train_heads import TrainHeadsStage, heads_model, load_trained_heads
 from pipeline.calibrate import CALIBRATE_CODE_VERSION, Calibration, calibrate_exits, check_held_out, choose_deployed
 from pipeline.config import canonical
-from pipeline.recalibrate import deployed_thresholds, judge_held_out
+from pipeline.recalibrate import deployed_thresholds, judge_held_out, too_few_exits
 from pipeline.gates import gate_exit_probabilities
 from pipeline.scoring import ExitLabels, collect_exit_labels
 from pipeline.teacher import TeacherWeights
@@ -70,13 +70,15 @@ class CalibrateStage(Stage):
                                                                                    ev.gate_probs)))
             # "held" under the family-wise rule a recalibration is promoted by: the deployed thresholds,
             # each at delta / K
-            rule, held, failures = judge_held_out(calibration.held_out, calibration.delta,
-                                                  deployed_thresholds(calibration))
+            deployed = deployed_thresholds(calibration)
+            rule, held, failures = judge_held_out(calibration.held_out, calibration.delta, deployed)
             calibration = calibration.with_held_out(held)
             metrics["held_out_met"] = sum(r.met for r in held)
             metrics["held_out_checked"] = len(held)
             metrics["held_out_rule"] = rule.to_dict()
             metrics["held_out_failed"] = [f"{r.predictor} head {r.head} level {r.level}" for r in failures]
+            # a check with too few exits "holds" whatever its threshold's accuracy: say which
+            metrics["held_out_too_few_exits"] = too_few_exits(held, rule, deployed)
         else:
             calibration, rule = choose_deployed(calibration), None
         metrics["deployed"] = [{"head": d.head, "level": d.level, "predictor": d.predictor,

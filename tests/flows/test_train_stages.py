@@ -78,6 +78,14 @@ def test_artifacts_carry_metrics_and_inputs(trained):
     assert rule["name"] == "bonferroni" and rule["scope"] == "deployed" and rule["checked"] == len(deployed)
     assert rule["per_check_delta"] == cal["delta"] / max(len(deployed), 1)
     assert all(r["held"] == (r["p_below"] > rule["per_check_delta"]) for r in cal["held_out"])
+    # which of those checks have too few exits to see a 2-point miss (a tiny eval split: all or most)
+    from pipeline.recalibrate import min_exits_to_detect
+
+    weak = store.manifest("calibrate", keys["calibration"]).metrics["held_out_too_few_exits"]
+    assert weak == [f"{r['predictor']} head {r['head']} level {r['level']:g}: {r['n_exited']:,} exits of "
+                    f"{min_exits_to_detect(r['level'], 0.02, rule['per_check_delta'], 0.8):,} needed"
+                    for r in cal["held_out"] if (r["predictor"], r["head"], r["level"]) in deployed
+                    and r["n_exited"] < min_exits_to_detect(r["level"], 0.02, rule["per_check_delta"], 0.8)]
 
 
 def test_same_inputs_are_a_hit_and_a_change_reruns_only_downstream(trained):

@@ -23,7 +23,8 @@ def _datasets_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def embedded() -> Corpus:
-    return load_corpus(DataConfig())
+    """The language reference alone: 79 documents, the same on every Python 3.11."""
+    return load_corpus(DataConfig(source="embedded:pydoc"))
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +58,51 @@ def test_embedded_corpus(embedded):
 
     assert len(embedded.documents) == 79
     assert embedded.documents == [topics[k] for k in sorted(topics)]
-    assert embedded.fingerprint == load_corpus(DataConfig()).fingerprint
+    assert embedded.fingerprint == load_corpus(DataConfig(source="embedded:pydoc")).fingerprint
     assert len(embedded.fingerprint) == 64
 
 
+def test_default_corpus_adds_the_standard_library_docstrings(embedded):
+    import abc
+    import inspect
+
+    wide = load_corpus(DataConfig())
+    assert wide.source == "embedded:python-docs"
+    assert wide.documents[:79] == embedded.documents
+    stdlib = wide.documents[79:]
+    assert len(stdlib) >= 50 and all(len(doc) > 2000 for doc in stdlib)
+    assert sum(map(len, stdlib)) > sum(map(len, embedded.documents))  # what makes calib and eval big
+    # one document per module, its long docstrings in source order
+    abc_doc = next(doc for doc in stdlib if doc.startswith(inspect.cleandoc(abc.abstractmethod.__doc__)))
+    assert inspect.cleandoc(abc.abstractproperty.__doc__) in abc_doc
+    assert abc.__doc__ not in abc_doc  # a one-line module docstring is left out
+    assert load_corpus(DataConfig()).fingerprint == wide.fingerprint
+
+
+def test_embedded_corpus_errors_name_the_choices(monkeypatch, tmp_path):
+    from pipeline.data import check_data_source
+
+    for call in (load_corpus, check_data_source):
+        with pytest.raises(DataError, match=r"'embedded:wiki' is not an embedded corpus; use one of "
+                                            r"'embedded:python-docs' .*'embedded:pydoc'"):
+            call(DataConfig(source="embedded:wiki"))
+    import sysconfig
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    with pytest.raises(DataError, match=r"no standard library sources in .*use data.source='embedded:pydoc'"):
+        load_corpus(DataConfig())
+    assert len(load_corpus(DataConfig(source="embedded:pydoc")).documents) == 79
+
+
+def test_embedded_stamps_differ_by_corpus():
+    from pipeline.data import corpus_stamp
+
+    wide, small = corpus_stamp(DataConfig()), corpus_stamp(DataConfig(source="embedded:pydoc"))
+    assert wide != small and wide == corpus_stamp(DataConfig())
+
+
 def test_max_documents_keeps_the_first(embedded):
-    few = load_corpus(DataConfig(max_documents=5))
+    few = load_corpus(DataConfig(source="embedded:pydoc", max_documents=5))
     assert few.documents == embedded.documents[:5]
     assert few.fingerprint != embedded.fingerprint
 

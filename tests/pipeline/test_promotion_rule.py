@@ -129,3 +129,24 @@ def test_exits_needed_to_detect_a_two_point_miss():
         power = np.mean(binom.cdf(correct, exits, 0.9) <= 0.005)
         assert power >= at_least and (exits == n or power < 0.6)
     assert min_exits_to_detect(0.75, 0.02, 1e-6, max_exits=1000) is None
+
+
+def test_checks_with_too_few_exits_to_mean_anything_are_named():
+    from pipeline.calibrate import HeldOutCheck
+
+    def check(predictor, head, level, exits, threshold=1.0):
+        return HeldOutCheck(level=level, threshold=threshold, n=100_000, n_exited=exits, exit_rate=exits / 100_000,
+                            accuracy=level + 0.01, met=True, p_below=0.9, held=True, calib_exit_rate=None,
+                            calib_accuracy=None, predictor=predictor, head=head)
+
+    rows = [check("entropy", 24, 0.9, 5_000), check("entropy", 6, 0.9, 400), check("gate", 6, 0.9, 400),
+            check("entropy", 12, 0.99, 0, threshold=None)]
+    rule, judged, _ = judge_held_out(rows, 0.1, {("entropy", 24, 0.9), ("entropy", 6, 0.9)})
+    need = min_exits_to_detect(0.9, 0.02, rule.per_check_delta, 0.8)
+    assert rule.checked == 2 and 400 < need < 5_000
+    from pipeline.recalibrate import too_few_exits
+
+    # the gate row is not deployed and the 0.99 row is not certified: neither is in the family
+    assert too_few_exits(judged, rule, {("entropy", 24, 0.9), ("entropy", 6, 0.9)}) == [
+        f"entropy head 6 level 0.9: 400 exits of {need:,} needed"]
+    assert len(too_few_exits(judged, rule)) == 2  # without a deployment every certified threshold counts

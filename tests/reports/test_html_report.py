@@ -140,6 +140,7 @@ def test_key_numbers_appear_in_the_page_and_the_summary(full_run, built):
         expected += [pct(e["float_agreement"]), pct(e["ternary_agreement"])]
     held = sum(g["held"] for g in evaluation["guarantees"])
     expected.append(f"Guarantees held on eval tokens: {held} of {len(evaluation['guarantees'])}")
+    expected += [f"({g['n_exited']:,} exits)" for g in evaluation["guarantees"] if g["n_exited"]]  # what "held" rests on
     for text in expected:
         assert text in summary, text
         assert html.escape(text, quote=False) in page, text
